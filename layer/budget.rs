@@ -1,0 +1,175 @@
+//! The engine's global memory budget.
+//!
+//! Every queued record holds part of the budget from the moment it is accepted
+//! until the last consumer of its batch (sinks and subscribers) is done with it.
+//! Publishers take budget in small blocks ("credit") so the hot path rarely
+//! touches the shared counter; the batch's [`Reservation`] gives it back on drop.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+/// How much of the budget high-priority records (WARN/ERROR logs, passthrough
+/// events, drop-oldest evictions) may overdraw, as a fraction: limit / 8.
+const OVERDRAFT_DIVISOR: usize = 8;
+
+pub(crate) struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
+    freed: Condvar,
+}
+
+impl Budget {
+    pub(crate) fn new(limit: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            used: AtomicUsize::new(0),
+            limit,
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            freed: Condvar::new(),
+        })
+    }
+
+    /// The size of a credit block a publisher takes at once.
+    pub(crate) fn credit_block(&self) -> usize {
+        (self.limit / 64).clamp(256, 64 << 10)
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` if they fit under the limit (or the overdraft ceiling).
+    pub(crate) fn try_acquire(&self, bytes: usize, overdraft: bool) -> bool {
+        let ceiling = if overdraft {
+            self.limit + self.limit / OVERDRAFT_DIVISOR
+        } else {
+            self.limit
+        };
+        let mut cur = self.used.load(Ordering::Relaxed);
+        loop {
+            if cur + bytes > ceiling {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                cur,
+                cur + bytes,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Waits until `bytes` fit or `deadline` passes.
+    pub(crate) fn acquire_until(&self, bytes: usize, deadline: Instant) -> bool {
+        if self.try_acquire(bytes, false) {
+            return true;
+        }
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let ok = loop {
+            if self.try_acquire(bytes, false) {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            guard = self
+                .freed
+                .wait_timeout(guard, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        drop(guard);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        ok
+    }
+
+    pub(crate) fn release(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.freed.notify_all();
+        }
+    }
+}
+
+/// Budget held by a batch; given back when the batch is dropped.
+pub(crate) struct Reservation {
+    budget: Option<Arc<Budget>>,
+    bytes: usize,
+}
+
+impl Reservation {
+    pub(crate) fn new(budget: &Arc<Budget>, bytes: usize) -> Reservation {
+        Reservation {
+            budget: Some(budget.clone()),
+            bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reservation({} bytes)", self.bytes)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(b) = self.budget.take() {
+            b.release(self.bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    // Catches a budget that lets publishers exceed it, or never gives bytes back.
+    #[test]
+    fn acquire_respects_the_limit_and_release_makes_room() {
+        let b = Budget::new(1000);
+        assert!(b.try_acquire(600, false));
+        assert!(!b.try_acquire(600, false));
+        assert!(b.try_acquire(100, true), "overdraft allows limit/8 more");
+        assert!(
+            !b.try_acquire(500, true),
+            "but no more than limit + limit/8"
+        );
+        drop(Reservation::new(&b, 600));
+        assert_eq!(b.used(), 100);
+        assert!(b.try_acquire(600, false));
+    }
+
+    // Catches a blocked publisher that is not woken when room appears.
+    #[test]
+    fn a_blocked_acquire_is_woken_by_a_release() {
+        let b = Budget::new(1000);
+        assert!(b.try_acquire(1000, false));
+        let b2 = b.clone();
+        let t = std::thread::spawn(move || {
+            b2.acquire_until(500, Instant::now() + Duration::from_secs(30))
+        });
+        while b.waiters.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        b.release(500);
+        assert!(t.join().unwrap());
+        assert!(
+            !b.acquire_until(1, Instant::now()),
+            "full again, deadline already passed"
+        );
+    }
+}

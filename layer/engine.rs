@@ -1,0 +1,1209 @@
+//! The coalescing engine.
+//!
+//! One engine thread owns an accumulator per prefix (and policy). It sweeps
+//! the publishers' slots, appends records to their accumulators, and closes a
+//! batch on `max_count`, `max_bytes` or `max_interval` from the batch's first
+//! record, whichever comes first, on its own clock. Closed batches go to two
+//! more threads: the sink thread (segments, SQLite) and the dispatch thread
+//! (batch-aware subscribers and the inner bus). Passthrough events have a
+//! fourth thread to themselves, so a flood elsewhere never delays them.
+//! No lock is held while user code runs, and no async runtime is needed.
+//!
+//! ```
+//! use spillway::{BatchConfig, Engine};
+//! let (engine, _guard) = Engine::builder(BatchConfig::default()).build().unwrap();
+//! engine.publish("data:users:created", serde_json::json!({"id": 1})).unwrap();
+//! engine.flush().unwrap();
+//! assert_eq!(engine.stats().prefixes["data:users"].accepted, 1);
+//! ```
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::layer::budget::{Budget, Reservation};
+use crate::layer::bus::{BatchAwareSubscriber, InnerBus};
+use crate::layer::config::BatchConfig;
+use crate::layer::intake::{Entry, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT};
+use crate::layer::name::{prefix_of, Pattern};
+use crate::layer::record::{
+    estimate_log, estimate_value, now_ns, Batch, BusEvent, LogRecord, RecordKind, Records,
+};
+use crate::layer::summary::{StatsReducer, Summarizer};
+
+/// How long the engine lets records collect in publishers' slots before it
+/// sweeps them, while records are flowing: 1 ms.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(1);
+/// Passthrough events waiting for delivery before new ones are dropped (and counted).
+pub const PASSTHROUGH_QUEUE: usize = 65_536;
+/// Default deadline for [`Engine::flush`]: 30 s.
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where closed batches are written (segments, SQLite, ...). Runs on the
+/// engine's sink thread, one batch at a time, in close order.
+pub trait Sink: Send + 'static {
+    /// Writes one batch. An error is counted and reported; the batch is not retried.
+    fn write_batch(&mut self, batch: &Batch) -> Result<()>;
+    /// Makes everything written so far durable to the sink's own standard.
+    fn flush(&mut self) -> Result<()>;
+    /// Called at least every 50 ms, so a sink can flush on its own delay.
+    fn tick(&mut self, _now: Instant) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Counters for one prefix.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PrefixStats {
+    /// Records taken into a batch.
+    pub accepted: u64,
+    /// Batches closed.
+    pub batches: u64,
+    /// Records dropped because the memory budget was spent (or the passthrough queue was full).
+    pub dropped: u64,
+    /// Events delivered on the passthrough path.
+    pub passthrough: u64,
+    /// The most records ever waiting in one open batch.
+    pub max_queue: usize,
+}
+
+impl PrefixStats {
+    fn add(&mut self, o: &PrefixStats) {
+        self.accepted += o.accepted;
+        self.batches += o.batches;
+        self.dropped += o.dropped;
+        self.passthrough += o.passthrough;
+        self.max_queue = self.max_queue.max(o.max_queue);
+    }
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Stats {
+    /// Per prefix.
+    pub prefixes: BTreeMap<String, PrefixStats>,
+    /// Summed over prefixes (`max_queue` is the maximum).
+    pub total: PrefixStats,
+    /// Bytes of the memory budget in use now.
+    pub queued_bytes: usize,
+    /// The memory budget.
+    pub memory_budget: usize,
+    /// Subscriber calls that panicked (each was caught).
+    pub subscriber_panics: u64,
+    /// Sink writes or flushes that failed.
+    pub sink_errors: u64,
+    /// The last sink error, for the operator.
+    pub last_sink_error: Option<String>,
+}
+
+/// Counts down to zero; waitable from threads and from async code.
+pub(crate) struct Completion {
+    remaining: Mutex<usize>,
+    cv: Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl Completion {
+    pub(crate) fn new(n: usize) -> Arc<Completion> {
+        Arc::new(Completion {
+            remaining: Mutex::new(n),
+            cv: Condvar::new(),
+            notify: tokio::sync::Notify::new(),
+        })
+    }
+    pub(crate) fn done(&self) {
+        let mut r = self.remaining.lock().unwrap_or_else(|e| e.into_inner());
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            self.cv.notify_all();
+            self.notify.notify_waiters();
+        }
+    }
+    fn is_done(&self) -> bool {
+        *self.remaining.lock().unwrap_or_else(|e| e.into_inner()) == 0
+    }
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut r = self.remaining.lock().unwrap_or_else(|e| e.into_inner());
+        while *r > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            r = self
+                .cv
+                .wait_timeout(r, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+    pub(crate) async fn wait_async(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_done() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub(crate) enum CtlMsg {
+    Entries(Vec<Entry>),
+    Flush(Arc<Completion>),
+    Stats(mpsc::Sender<Stats>),
+    Stop(Arc<Completion>),
+}
+
+enum OutMsg {
+    Batch(Arc<Batch>),
+    Barrier(Arc<Completion>),
+    Stop(Arc<Completion>),
+}
+
+enum PtMsg {
+    Event(BusEvent),
+    Barrier(Arc<Completion>),
+    Stop(Arc<Completion>),
+}
+
+pub(crate) struct SubEntry {
+    pub(crate) id: u64,
+    pub(crate) pattern: Pattern,
+    pub(crate) sub: Arc<dyn BatchAwareSubscriber>,
+}
+
+/// State shared by the handle, the publishers and the engine's threads.
+pub(crate) struct Shared {
+    pub(crate) id: u64,
+    pub(crate) config: BatchConfig,
+    pub(crate) budget: Arc<Budget>,
+    pub(crate) slots: Mutex<Vec<Arc<Slot>>>,
+    pub(crate) idle: AtomicBool,
+    pub(crate) chunk_ready: AtomicBool,
+    pub(crate) closed: AtomicBool,
+    engine_thread: OnceLock<Thread>,
+    ctl: Mutex<Sender<CtlMsg>>,
+    pt_tx: Mutex<Sender<PtMsg>>,
+    pt_pending: AtomicUsize,
+    drops: Mutex<HashMap<Box<str>, (u64, i64)>>,
+    pub(crate) subs: RwLock<Arc<Vec<Arc<SubEntry>>>>,
+    pub(crate) next_sub_id: AtomicU64,
+    pub(crate) inner: RwLock<Option<Arc<dyn InnerBus>>>,
+    subscriber_panics: AtomicU64,
+    sink_errors: AtomicU64,
+    last_sink_error: Mutex<Option<String>>,
+    final_stats: Mutex<Option<Stats>>,
+}
+
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Shared {
+    pub(crate) fn wake(&self) {
+        if let Some(t) = self.engine_thread.get() {
+            t.unpark();
+        }
+    }
+
+    pub(crate) fn send_ctl(&self, msg: CtlMsg) {
+        let _ = self.ctl.lock().unwrap_or_else(|e| e.into_inner()).send(msg);
+        self.wake();
+    }
+
+    pub(crate) fn count_drop(&self, prefix: &str, ts_ns: i64) {
+        let mut drops = self.drops.lock().unwrap_or_else(|e| e.into_inner());
+        match drops.get_mut(prefix) {
+            Some(d) => d.0 += 1,
+            None => {
+                drops.insert(prefix.into(), (1, ts_ns));
+            }
+        }
+    }
+
+    pub(crate) fn deliver_passthrough(&self, ev: &BusEvent) {
+        if self.pt_pending.fetch_add(1, Ordering::AcqRel) >= PASSTHROUGH_QUEUE {
+            self.pt_pending.fetch_sub(1, Ordering::AcqRel);
+            let depth = self.prefix_depth_of(self.config.policy_index(&ev.name) as u16);
+            self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
+            return;
+        }
+        let _ = self
+            .pt_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(PtMsg::Event(ev.clone()));
+    }
+
+    pub(crate) fn subscriber_panicked(&self, who: &str, pattern: &str) {
+        let n = self.subscriber_panics.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            eprintln!("spillway: {who} for pattern {pattern:?} panicked ({n} subscriber panics so far); the others keep receiving");
+        }
+    }
+
+    fn sink_failed(&self, err: &Error) {
+        let n = self.sink_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        let msg = err.to_string();
+        if n.is_power_of_two() {
+            eprintln!("spillway: sink error ({n} so far): {msg}");
+        }
+        *self
+            .last_sink_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(msg);
+    }
+}
+
+/// Builds an [`Engine`] with its sinks and reducers.
+pub struct EngineBuilder {
+    config: BatchConfig,
+    sinks: Vec<Box<dyn Sink>>,
+    summarizers: HashMap<String, Arc<dyn Summarizer>>,
+}
+
+impl EngineBuilder {
+    /// Adds a sink; batches of persisted policies are written to every sink.
+    pub fn sink(mut self, sink: Box<dyn Sink>) -> Self {
+        self.sinks.push(sink);
+        self
+    }
+
+    /// Registers a reducer that policies can name in `summarize`.
+    pub fn summarizer(mut self, name: impl Into<String>, s: Arc<dyn Summarizer>) -> Self {
+        self.summarizers.insert(name.into(), s);
+        self
+    }
+
+    /// Checks that every reducer the policies name exists, starts the
+    /// engine's threads, and returns the handle and its guard.
+    pub fn build(self) -> Result<(Engine, Guard)> {
+        let c = &self.config;
+        let named = c
+            .rules
+            .iter()
+            .map(|(p, pol)| (p.to_string(), pol))
+            .chain(std::iter::once(("default".to_string(), &c.default_policy)));
+        for (pattern, pol) in named {
+            if let Some(name) = &pol.summarize {
+                if !self.summarizers.contains_key(name) {
+                    return Err(Error::config(
+                        format!("policy[{pattern}].summarize"),
+                        format!("no reducer named {name:?} is registered"),
+                    ));
+                }
+            }
+        }
+        let (ctl_tx, ctl_rx) = mpsc::channel();
+        let (pt_tx, pt_rx) = mpsc::channel();
+        let (sink_tx, sink_rx) = mpsc::channel();
+        let (disp_tx, disp_rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
+            budget: Budget::new(self.config.memory_budget),
+            config: self.config,
+            slots: Mutex::new(Vec::new()),
+            idle: AtomicBool::new(false),
+            chunk_ready: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            engine_thread: OnceLock::new(),
+            ctl: Mutex::new(ctl_tx),
+            pt_tx: Mutex::new(pt_tx),
+            pt_pending: AtomicUsize::new(0),
+            drops: Mutex::new(HashMap::new()),
+            subs: RwLock::new(Arc::new(Vec::new())),
+            next_sub_id: AtomicU64::new(1),
+            inner: RwLock::new(None),
+            subscriber_panics: AtomicU64::new(0),
+            sink_errors: AtomicU64::new(0),
+            last_sink_error: Mutex::new(None),
+            final_stats: Mutex::new(None),
+        });
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(f)
+                .map_err(|e| Error::Other(format!("cannot start thread {name}: {e}")))
+        };
+        let has_sinks = !self.sinks.is_empty();
+        let s = shared.clone();
+        let sinks = self.sinks;
+        spawn(
+            "spillway-sink",
+            Box::new(move || sink_loop(s, sinks, sink_rx)),
+        )?;
+        let s = shared.clone();
+        spawn(
+            "spillway-dispatch",
+            Box::new(move || dispatch_loop(s, disp_rx)),
+        )?;
+        let s = shared.clone();
+        spawn(
+            "spillway-passthrough",
+            Box::new(move || passthrough_loop(s, pt_rx)),
+        )?;
+        let s = shared.clone();
+        let summarizers = self.summarizers;
+        let handle = spawn(
+            "spillway-engine",
+            Box::new(move || {
+                let mut st = EngineState {
+                    shared: s,
+                    accs: HashMap::new(),
+                    heap: BinaryHeap::new(),
+                    stats: HashMap::new(),
+                    next_batch_id: 1,
+                    sink_tx: has_sinks.then_some(sink_tx),
+                    disp_tx,
+                    summarizers,
+                    key_buf: String::new(),
+                    urgent: Vec::new(),
+                    last_prune: Instant::now(),
+                };
+                st.run(ctl_rx);
+            }),
+        )?;
+        let _ = shared.engine_thread.set(handle.thread().clone());
+        let engine = Engine { shared };
+        Ok((engine.clone(), Guard { engine }))
+    }
+}
+
+/// A handle to the pipeline. Cheap to clone; every clone feeds the same engine.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// A builder for an engine with this configuration and the built-in `"stats"` reducer.
+    pub fn builder(config: BatchConfig) -> EngineBuilder {
+        let mut summarizers: HashMap<String, Arc<dyn Summarizer>> = HashMap::new();
+        summarizers.insert("stats".into(), Arc::new(StatsReducer));
+        EngineBuilder {
+            config,
+            sinks: Vec::new(),
+            summarizers,
+        }
+    }
+
+    /// The configuration this engine runs with.
+    pub fn config(&self) -> &BatchConfig {
+        &self.shared.config
+    }
+
+    /// Publishes a bus event. Passthrough names are delivered at once; the rest
+    /// are batched by prefix. Fails only on an invalid name or after shutdown;
+    /// a record refused for lack of memory is counted as dropped, not an error.
+    pub fn publish(&self, name: impl Into<String>, payload: impl Into<Arc<Value>>) -> Result<()> {
+        self.shared
+            .submit_event(BusEvent::new(name, payload), RecordKind::Event)
+    }
+
+    /// Publishes a prepared event (keeps its timestamp).
+    pub fn publish_event(&self, event: BusEvent) -> Result<()> {
+        self.shared.submit_event(event, RecordKind::Event)
+    }
+
+    /// Publishes a telemetry sample (batched like an event, marked `sample`).
+    pub fn publish_sample(
+        &self,
+        name: impl Into<String>,
+        payload: impl Into<Arc<Value>>,
+    ) -> Result<()> {
+        self.shared
+            .submit_event(BusEvent::new(name, payload), RecordKind::Sample)
+    }
+
+    /// Submits a log record under the key `log:<target>`. `urgent` records
+    /// (WARN and ERROR by default in the tracing layer) close their batch at
+    /// the next sweep and may use the budget's reserve.
+    pub fn submit_log(&self, record: LogRecord, urgent: bool) -> Result<()> {
+        self.shared.submit_log(record, urgent)
+    }
+
+    /// Waits until everything accepted before this call has been handed to
+    /// the sinks (and flushed by them) and to subscribers, up to 30 s.
+    pub fn flush(&self) -> Result<()> {
+        self.flush_timeout(DEFAULT_FLUSH_TIMEOUT)
+    }
+
+    /// [`Engine::flush`] with a deadline.
+    pub fn flush_timeout(&self, timeout: Duration) -> Result<()> {
+        let Some(c) = self.start_flush() else {
+            return Ok(());
+        };
+        if c.wait(timeout) {
+            Ok(())
+        } else {
+            Err(Error::FlushTimeout(timeout))
+        }
+    }
+
+    /// [`Engine::flush`] for async code: awaits without blocking the runtime.
+    pub async fn flush_async(&self) -> Result<()> {
+        if let Some(c) = self.start_flush() {
+            c.wait_async().await;
+        }
+        Ok(())
+    }
+
+    fn start_flush(&self) -> Option<Arc<Completion>> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let c = Completion::new(3);
+        self.shared.send_ctl(CtlMsg::Flush(c.clone()));
+        Some(c)
+    }
+
+    /// A snapshot of the counters (exact for everything flushed).
+    pub fn stats(&self) -> Stats {
+        let (tx, rx) = mpsc::channel();
+        if !self.shared.closed.load(Ordering::Acquire) {
+            self.shared.send_ctl(CtlMsg::Stats(tx));
+            if let Ok(s) = rx.recv_timeout(Duration::from_secs(5)) {
+                return s;
+            }
+        }
+        let fin = self
+            .shared
+            .final_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        fin.clone().unwrap_or_default()
+    }
+
+    /// Flushes (up to `timeout`) and stops the engine's threads. Idempotent.
+    /// A thread stuck in a subscriber is left behind rather than waited for.
+    pub fn shutdown(&self, timeout: Duration) -> Result<()> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        let flushed = self.flush_timeout(timeout);
+        self.shared.closed.store(true, Ordering::Release);
+        let stop = Completion::new(4);
+        self.shared.send_ctl(CtlMsg::Stop(stop.clone()));
+        let left = deadline.saturating_duration_since(Instant::now());
+        stop.wait(left);
+        flushed
+    }
+
+    pub(crate) fn add_subscriber(
+        &self,
+        pattern: &str,
+        sub: Arc<dyn BatchAwareSubscriber>,
+    ) -> Result<u64> {
+        let pattern = Pattern::parse(pattern)?;
+        let id = self.shared.next_sub_id.fetch_add(1, Ordering::Relaxed);
+        let mut subs = self.shared.subs.write().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<_> = subs.iter().cloned().collect();
+        list.push(Arc::new(SubEntry { id, pattern, sub }));
+        *subs = Arc::new(list);
+        Ok(id)
+    }
+
+    pub(crate) fn remove_subscriber(&self, id: u64) -> bool {
+        let mut subs = self.shared.subs.write().unwrap_or_else(|e| e.into_inner());
+        let before = subs.len();
+        let list: Vec<_> = subs.iter().filter(|s| s.id != id).cloned().collect();
+        let removed = list.len() != before;
+        *subs = Arc::new(list);
+        removed
+    }
+
+    pub(crate) fn set_inner(&self, inner: Arc<dyn InnerBus>) {
+        *self.shared.inner.write().unwrap_or_else(|e| e.into_inner()) = Some(inner);
+    }
+}
+
+/// Flushes and stops the engine when dropped, within the configured
+/// `shutdown_timeout`; never hangs, even on a stuck subscriber.
+#[must_use = "dropping the guard shuts the pipeline down"]
+pub struct Guard {
+    engine: Engine,
+}
+
+impl Guard {
+    /// The engine this guard shuts down.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let timeout = self.engine.shared.config.shutdown_timeout;
+        if let Err(e) = self.engine.shutdown(timeout) {
+            eprintln!("spillway: shutdown: {e}");
+        }
+    }
+}
+
+struct Acc {
+    prefix: Arc<str>,
+    policy: u16,
+    kind: RecordKind,
+    events: Vec<BusEvent>,
+    logs: Vec<LogRecord>,
+    bytes: usize,
+    first_ts: i64,
+    last_ts: i64,
+    dropped: u64,
+    dropped_since: Option<i64>,
+    generation: u64,
+    urgent: bool,
+    last_active: Instant,
+}
+
+impl Acc {
+    fn len(&self) -> usize {
+        self.events.len() + self.logs.len()
+    }
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Due {
+    at: std::cmp::Reverse<Instant>,
+    prefix: Arc<str>,
+    policy: u16,
+    kind: RecordKind,
+    generation: u64,
+}
+
+struct EngineState {
+    shared: Arc<Shared>,
+    accs: HashMap<Box<str>, Vec<Acc>>,
+    heap: BinaryHeap<Due>,
+    stats: HashMap<Arc<str>, PrefixStats>,
+    next_batch_id: u64,
+    sink_tx: Option<Sender<OutMsg>>,
+    disp_tx: Sender<OutMsg>,
+    summarizers: HashMap<String, Arc<dyn Summarizer>>,
+    key_buf: String,
+    urgent: Vec<(Box<str>, u16, RecordKind)>,
+    last_prune: Instant,
+}
+
+impl EngineState {
+    fn run(&mut self, ctl: Receiver<CtlMsg>) {
+        loop {
+            let mut stop = None;
+            let mut flushes = Vec::new();
+            while let Ok(msg) = ctl.try_recv() {
+                match msg {
+                    CtlMsg::Entries(entries) => entries.into_iter().for_each(|e| self.ingest(e)),
+                    CtlMsg::Flush(c) => flushes.push(c),
+                    CtlMsg::Stats(tx) => {
+                        let _ = tx.send(self.snapshot());
+                    }
+                    CtlMsg::Stop(c) => stop = Some(c),
+                }
+            }
+            self.shared.chunk_ready.store(false, Ordering::Release);
+            let got = self.sweep();
+            self.merge_drops();
+            self.close_urgent();
+            self.close_due(Instant::now());
+            if !flushes.is_empty() || stop.is_some() {
+                self.close_all();
+                for c in flushes {
+                    self.barrier(c);
+                }
+            }
+            if let Some(c) = stop {
+                self.stop(c);
+                return;
+            }
+            if self.last_prune.elapsed() > Duration::from_secs(30) {
+                self.prune();
+            }
+            self.sleep(got);
+        }
+    }
+
+    fn sleep(&mut self, got_records: bool) {
+        if got_records {
+            std::thread::park_timeout(SWEEP_INTERVAL);
+            return;
+        }
+        // Nothing arrived: sleep until the next deadline, and let publishers wake us.
+        self.shared.idle.store(true, Ordering::SeqCst);
+        if self.sweep() {
+            self.shared.idle.store(false, Ordering::SeqCst);
+            return;
+        }
+        let next = self.heap.peek().map(|d| d.at.0);
+        match next {
+            Some(at) => {
+                let now = Instant::now();
+                if at > now {
+                    std::thread::park_timeout(at - now);
+                }
+            }
+            None => std::thread::park_timeout(Duration::from_secs(1)),
+        }
+        self.shared.idle.store(false, Ordering::SeqCst);
+    }
+
+    /// Takes everything the publishers queued. Returns whether anything was there.
+    fn sweep(&mut self) -> bool {
+        let slots: Vec<Arc<Slot>> = self
+            .shared
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut got = false;
+        let mut dead = false;
+        for slot in &slots {
+            let (full, cur) = {
+                let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+                if inner.cur.is_empty() && inner.full.is_empty() {
+                    dead |= slot.dead.load(Ordering::Acquire);
+                    continue;
+                }
+                (
+                    std::mem::take(&mut inner.full),
+                    std::mem::take(&mut inner.cur),
+                )
+            };
+            got = true;
+            for chunk in full {
+                chunk.into_iter().for_each(|e| self.ingest(e));
+            }
+            cur.into_iter().for_each(|e| self.ingest(e));
+        }
+        if dead {
+            self.shared
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|s| {
+                    !(s.dead.load(Ordering::Acquire) && {
+                        let i = s.inner.lock().unwrap_or_else(|e| e.into_inner());
+                        i.cur.is_empty() && i.full.is_empty()
+                    })
+                });
+        }
+        got
+    }
+
+    fn ingest(&mut self, entry: Entry) {
+        let (policy_idx, kind, size, flags) = match &entry {
+            Entry::Event {
+                kind,
+                policy,
+                size,
+                flags,
+                ..
+            } => (*policy, *kind, *size as usize, *flags),
+            Entry::Log {
+                policy,
+                size,
+                flags,
+                ..
+            } => (*policy, RecordKind::Log, *size as usize, *flags),
+        };
+        let policy = self.shared.config.policy_at(policy_idx as usize);
+        let depth = policy
+            .prefix_depth
+            .unwrap_or(self.shared.config.prefix_depth);
+        let (max_count, max_bytes, max_interval, persist) = (
+            policy.max_count,
+            policy.max_bytes,
+            policy.max_interval,
+            policy.persist,
+        );
+        let passthrough = flags & F_PASSTHROUGH != 0;
+        let mut key = std::mem::take(&mut self.key_buf);
+        key.clear();
+        let prefix: &str = match &entry {
+            Entry::Event { ev, .. } => prefix_of(&ev.name, depth),
+            Entry::Log { rec, .. } => {
+                key.push_str("log:");
+                key.push_str(&rec.target);
+                prefix_of(&key, depth)
+            }
+        };
+        let st = stat_mut(&mut self.stats, prefix);
+        if passthrough {
+            st.passthrough += 1;
+        }
+        if passthrough && !persist {
+            // Delivered already; nothing to keep.
+            self.shared.budget.release(size);
+            self.key_buf = key;
+            return;
+        }
+        st.accepted += 1;
+        let accs = match self.accs.get_mut(prefix) {
+            Some(v) => v,
+            None => self.accs.entry(prefix.into()).or_default(),
+        };
+        let idx = match accs
+            .iter()
+            .position(|a| a.policy == policy_idx && a.kind == kind)
+        {
+            Some(i) => i,
+            None => {
+                accs.push(Acc {
+                    prefix: prefix.into(),
+                    policy: policy_idx,
+                    kind,
+                    events: Vec::new(),
+                    logs: Vec::new(),
+                    bytes: 0,
+                    first_ts: 0,
+                    last_ts: 0,
+                    dropped: 0,
+                    dropped_since: None,
+                    generation: 0,
+                    urgent: false,
+                    last_active: Instant::now(),
+                });
+                accs.len() - 1
+            }
+        };
+        self.key_buf = key;
+        let acc = &mut accs[idx];
+        let mut evicted = 0u64;
+        if flags & F_EVICT != 0 {
+            // drop_oldest: make room for this record from the oldest ones waiting.
+            let mut freed = 0;
+            let mut n = 0;
+            match kind {
+                RecordKind::Log => {
+                    while freed < size && n < acc.logs.len() {
+                        freed += estimate_log(&acc.logs[n]);
+                        n += 1;
+                    }
+                    acc.logs.drain(..n);
+                }
+                _ => {
+                    while freed < size && n < acc.events.len() {
+                        let e = &acc.events[n];
+                        freed += e.name.len() + estimate_value(&e.payload) + 64;
+                        n += 1;
+                    }
+                    acc.events.drain(..n);
+                }
+            }
+            acc.bytes = acc.bytes.saturating_sub(freed);
+            self.shared.budget.release(freed);
+            evicted = n as u64;
+        }
+        let ts = match &entry {
+            Entry::Event { ev, .. } => ev.ts_ns,
+            Entry::Log { rec, .. } => rec.ts_ns,
+        };
+        if evicted > 0 {
+            acc.dropped += evicted;
+            acc.dropped_since.get_or_insert(ts);
+        }
+        // A record that would overflow max_bytes closes the batch before it.
+        let mut ctx = Ctx {
+            shared: &self.shared,
+            next_batch_id: &mut self.next_batch_id,
+            sink_tx: self.sink_tx.as_ref(),
+            disp_tx: &self.disp_tx,
+            summarizers: &self.summarizers,
+            stats: &mut self.stats,
+        };
+        if acc.len() > 0 && acc.bytes + size > max_bytes {
+            ctx.close(acc);
+        }
+        if acc.len() == 0 {
+            acc.first_ts = ts;
+            let age = Duration::from_nanos((now_ns() - ts).max(0) as u64);
+            let at = Instant::now() + max_interval.saturating_sub(age);
+            self.heap.push(Due {
+                at: std::cmp::Reverse(at),
+                prefix: acc.prefix.clone(),
+                policy: policy_idx,
+                kind,
+                generation: acc.generation,
+            });
+        }
+        acc.last_ts = ts;
+        acc.bytes += size;
+        acc.last_active = Instant::now();
+        match entry {
+            Entry::Event { ev, .. } => acc.events.push(ev),
+            Entry::Log { rec, .. } => acc.logs.push(*rec),
+        }
+        let len = acc.len();
+        let st = stat_mut(ctx.stats, &acc.prefix);
+        st.dropped += evicted;
+        st.max_queue = st.max_queue.max(len);
+        if flags & F_URGENT != 0 && !acc.urgent {
+            acc.urgent = true;
+            self.urgent
+                .push((acc.prefix.as_ref().into(), policy_idx, kind));
+        }
+        if len >= max_count || acc.bytes >= max_bytes {
+            ctx.close(acc);
+        }
+    }
+
+    fn merge_drops(&mut self) {
+        let drops =
+            std::mem::take(&mut *self.shared.drops.lock().unwrap_or_else(|e| e.into_inner()));
+        for (prefix, (n, since)) in drops {
+            stat_mut(&mut self.stats, &prefix).dropped += n;
+            let accs = self.accs.entry(prefix.clone()).or_default();
+            if accs.is_empty() {
+                accs.push(Acc {
+                    prefix: prefix.as_ref().into(),
+                    policy: self.shared.config.policy_index(&prefix) as u16,
+                    kind: RecordKind::Event,
+                    events: Vec::new(),
+                    logs: Vec::new(),
+                    bytes: 0,
+                    first_ts: since,
+                    last_ts: since,
+                    dropped: 0,
+                    dropped_since: None,
+                    generation: 0,
+                    urgent: false,
+                    last_active: Instant::now(),
+                });
+            }
+            let acc = &mut accs[0];
+            acc.dropped += n;
+            acc.dropped_since = Some(acc.dropped_since.map_or(since, |s| s.min(since)));
+            if acc.len() == 0 {
+                // Nothing waiting to carry the count: report it in a batch of its own, now.
+                acc.first_ts = since;
+                acc.last_ts = now_ns();
+                self.heap.push(Due {
+                    at: std::cmp::Reverse(Instant::now()),
+                    prefix: acc.prefix.clone(),
+                    policy: acc.policy,
+                    kind: acc.kind,
+                    generation: acc.generation,
+                });
+            }
+        }
+    }
+
+    fn ctx(&mut self) -> (Ctx<'_>, &mut HashMap<Box<str>, Vec<Acc>>) {
+        (
+            Ctx {
+                shared: &self.shared,
+                next_batch_id: &mut self.next_batch_id,
+                sink_tx: self.sink_tx.as_ref(),
+                disp_tx: &self.disp_tx,
+                summarizers: &self.summarizers,
+                stats: &mut self.stats,
+            },
+            &mut self.accs,
+        )
+    }
+
+    fn close_urgent(&mut self) {
+        let urgent = std::mem::take(&mut self.urgent);
+        let (mut ctx, accs) = self.ctx();
+        for (prefix, policy, kind) in urgent {
+            if let Some(acc) = accs
+                .get_mut(&prefix)
+                .and_then(|v| v.iter_mut().find(|a| a.policy == policy && a.kind == kind))
+            {
+                ctx.close(acc);
+            }
+        }
+    }
+
+    fn close_due(&mut self, now: Instant) {
+        while let Some(top) = self.heap.peek() {
+            if top.at.0 > now {
+                break;
+            }
+            let Some(due) = self.heap.pop() else { break };
+            let (mut ctx, accs) = self.ctx();
+            if let Some(acc) = accs.get_mut(due.prefix.as_ref()).and_then(|v| {
+                v.iter_mut()
+                    .find(|a| a.policy == due.policy && a.kind == due.kind)
+            }) {
+                if acc.generation == due.generation {
+                    ctx.close(acc);
+                }
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        let (mut ctx, accs) = self.ctx();
+        for v in accs.values_mut() {
+            for acc in v.iter_mut() {
+                ctx.close(acc);
+            }
+        }
+        self.heap.clear();
+    }
+
+    fn barrier(&mut self, c: Arc<Completion>) {
+        match &self.sink_tx {
+            Some(tx) => {
+                if tx.send(OutMsg::Barrier(c.clone())).is_err() {
+                    c.done();
+                }
+            }
+            None => c.done(),
+        }
+        if self.disp_tx.send(OutMsg::Barrier(c.clone())).is_err() {
+            c.done();
+        }
+        let sent = self
+            .shared
+            .pt_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(PtMsg::Barrier(c.clone()));
+        if sent.is_err() {
+            c.done();
+        }
+    }
+
+    fn stop(&mut self, c: Arc<Completion>) {
+        *self
+            .shared
+            .final_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(self.snapshot());
+        match &self.sink_tx {
+            Some(tx) => {
+                if tx.send(OutMsg::Stop(c.clone())).is_err() {
+                    c.done();
+                }
+            }
+            None => c.done(),
+        }
+        if self.disp_tx.send(OutMsg::Stop(c.clone())).is_err() {
+            c.done();
+        }
+        let sent = self
+            .shared
+            .pt_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(PtMsg::Stop(c.clone()));
+        if sent.is_err() {
+            c.done();
+        }
+        c.done();
+    }
+
+    /// Forgets accumulators that have been empty and quiet for a while, so
+    /// prefixes that carry ids (`sentinel:{handle}`) do not grow memory forever.
+    fn prune(&mut self) {
+        self.last_prune = Instant::now();
+        let quiet = Duration::from_secs(60);
+        self.accs.retain(|_, v| {
+            v.retain(|a| a.len() > 0 || a.dropped > 0 || a.last_active.elapsed() < quiet);
+            !v.is_empty()
+        });
+    }
+
+    fn snapshot(&self) -> Stats {
+        let mut s = Stats {
+            queued_bytes: self.shared.budget.used(),
+            memory_budget: self.shared.config.memory_budget,
+            subscriber_panics: self.shared.subscriber_panics.load(Ordering::Relaxed),
+            sink_errors: self.shared.sink_errors.load(Ordering::Relaxed),
+            last_sink_error: self
+                .shared
+                .last_sink_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            ..Stats::default()
+        };
+        let pending = self
+            .shared
+            .drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (k, v) in &self.stats {
+            s.prefixes.insert(k.to_string(), v.clone());
+        }
+        for (k, (n, _)) in pending {
+            s.prefixes.entry(k.to_string()).or_default().dropped += n;
+        }
+        for v in s.prefixes.values() {
+            s.total.add(v);
+        }
+        s
+    }
+}
+
+fn stat_mut<'a>(
+    stats: &'a mut HashMap<Arc<str>, PrefixStats>,
+    prefix: &str,
+) -> &'a mut PrefixStats {
+    if !stats.contains_key(prefix) {
+        stats.insert(prefix.into(), PrefixStats::default());
+    }
+    stats.get_mut(prefix).expect("inserted above")
+}
+
+struct Ctx<'a> {
+    shared: &'a Arc<Shared>,
+    next_batch_id: &'a mut u64,
+    sink_tx: Option<&'a Sender<OutMsg>>,
+    disp_tx: &'a Sender<OutMsg>,
+    summarizers: &'a HashMap<String, Arc<dyn Summarizer>>,
+    stats: &'a mut HashMap<Arc<str>, PrefixStats>,
+}
+
+impl Ctx<'_> {
+    /// Closes `acc`'s batch (if it has records or drops to report) and sends it on.
+    fn close(&mut self, acc: &mut Acc) {
+        acc.generation += 1;
+        acc.urgent = false;
+        if acc.len() == 0 && acc.dropped == 0 {
+            return;
+        }
+        let policy = self.shared.config.policy_at(acc.policy as usize);
+        let records = match acc.kind {
+            RecordKind::Log => Records::Logs(std::mem::take(&mut acc.logs)),
+            _ => Records::Events(std::mem::take(&mut acc.events)),
+        };
+        let id = *self.next_batch_id;
+        *self.next_batch_id += 1;
+        let mut batch = Batch {
+            id,
+            prefix: acc.prefix.clone(),
+            kind: acc.kind,
+            records,
+            dropped: std::mem::take(&mut acc.dropped),
+            dropped_since_ns: acc.dropped_since.take(),
+            first_ts_ns: acc.first_ts,
+            last_ts_ns: acc.last_ts,
+            persist: policy.persist,
+            urgent: false,
+            summary: None,
+            _reservation: Reservation::new(&self.shared.budget, std::mem::take(&mut acc.bytes)),
+        };
+        batch.urgent = matches!(&batch.records, Records::Logs(l) if l.iter().any(|r| r.level <= tracing_core::Level::WARN));
+        if let Some(reducer) = policy
+            .summarize
+            .as_ref()
+            .and_then(|n| self.summarizers.get(n))
+        {
+            match catch_unwind(AssertUnwindSafe(|| reducer.summarize(&batch))) {
+                Ok(v) => batch.summary = Some(Arc::new(v)),
+                Err(_) => self
+                    .shared
+                    .subscriber_panicked("reducer", policy.summarize.as_deref().unwrap_or("")),
+            }
+        }
+        stat_mut(self.stats, &acc.prefix).batches += 1;
+        let passthrough = policy.passthrough;
+        let batch = Arc::new(batch);
+        if batch.persist {
+            if let Some(tx) = self.sink_tx {
+                let _ = tx.send(OutMsg::Batch(batch.clone()));
+            }
+        }
+        if !passthrough && batch.kind != RecordKind::Log {
+            let _ = self.disp_tx.send(OutMsg::Batch(batch));
+        }
+    }
+}
+
+fn sink_loop(shared: Arc<Shared>, mut sinks: Vec<Box<dyn Sink>>, rx: Receiver<OutMsg>) {
+    let tick = Duration::from_millis(50);
+    let mut last_tick = Instant::now();
+    loop {
+        let msg = rx.recv_timeout(tick);
+        let now = Instant::now();
+        if now.duration_since(last_tick) >= tick {
+            last_tick = now;
+            for s in sinks.iter_mut() {
+                if let Err(e) = s.tick(now) {
+                    shared.sink_failed(&e);
+                }
+            }
+        }
+        match msg {
+            Ok(OutMsg::Batch(b)) => {
+                for s in sinks.iter_mut() {
+                    let r = s
+                        .write_batch(&b)
+                        .and_then(|_| if b.urgent { s.flush() } else { Ok(()) });
+                    if let Err(e) = r {
+                        shared.sink_failed(&e);
+                    }
+                }
+            }
+            Ok(OutMsg::Barrier(c)) => {
+                for s in sinks.iter_mut() {
+                    if let Err(e) = s.flush() {
+                        shared.sink_failed(&e);
+                    }
+                }
+                c.done();
+            }
+            Ok(OutMsg::Stop(c)) => {
+                for s in sinks.iter_mut() {
+                    if let Err(e) = s.flush() {
+                        shared.sink_failed(&e);
+                    }
+                }
+                drop(sinks);
+                c.done();
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>) {
+    for msg in rx {
+        match msg {
+            OutMsg::Batch(b) => crate::layer::bus::dispatch_batch(&shared, &b),
+            OutMsg::Barrier(c) => c.done(),
+            OutMsg::Stop(c) => {
+                c.done();
+                return;
+            }
+        }
+    }
+}
+
+fn passthrough_loop(shared: Arc<Shared>, rx: Receiver<PtMsg>) {
+    for msg in rx {
+        match msg {
+            PtMsg::Event(ev) => {
+                shared.pt_pending.fetch_sub(1, Ordering::AcqRel);
+                crate::layer::bus::dispatch_event(&shared, &ev);
+            }
+            PtMsg::Barrier(c) => c.done(),
+            PtMsg::Stop(c) => {
+                c.done();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The publisher's hot path.
+//!
+//! Each publishing thread owns a slot per engine: a mutex-guarded vector that
+//! only the engine thread ever contends for. Records are appended there and
+//! handed to the engine a chunk at a time, so the per-record cost is a hash
+//! lookup of the name (cached per thread), a budget check against per-thread
+//! credit, and a push. The engine sweeps the slots on its own clock, so a
+//! record never waits in a half-full chunk for longer than the sweep interval.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::layer::config::OnFull;
+use crate::layer::engine::{CtlMsg, Shared};
+use crate::layer::name::{prefix_of, validate_name};
+use crate::layer::record::{estimate_log, estimate_value, BusEvent, LogRecord, RecordKind};
+
+/// Entries a thread accumulates before handing a chunk to the engine.
+pub(crate) const CHUNK: usize = 256;
+/// Routes a thread caches before the cache is cleared (bounds memory when names carry ids).
+const ROUTE_CACHE_MAX: usize = 4096;
+
+pub(crate) const F_PASSTHROUGH: u8 = 1;
+pub(crate) const F_EVICT: u8 = 2;
+pub(crate) const F_URGENT: u8 = 4;
+
+/// One accepted record on its way to the engine.
+pub(crate) enum Entry {
+    Event {
+        ev: BusEvent,
+        kind: RecordKind,
+        policy: u16,
+        size: u32,
+        flags: u8,
+    },
+    Log {
+        rec: Box<LogRecord>,
+        policy: u16,
+        size: u32,
+        flags: u8,
+    },
+}
+
+#[derive(Default)]
+pub(crate) struct SlotInner {
+    pub(crate) cur: Vec<Entry>,
+    pub(crate) full: Vec<Vec<Entry>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Slot {
+    pub(crate) inner: Mutex<SlotInner>,
+    pub(crate) dead: AtomicBool,
+}
+
+/// What a publisher needs to know about a name, resolved once per thread.
+#[derive(Clone, Copy)]
+pub(crate) struct Route {
+    policy: u16,
+    passthrough: bool,
+    on_full: OnFull,
+    block_timeout: Duration,
+}
+
+/// A small, fast hasher for the per-thread route caches (FxHash).
+#[derive(Default)]
+pub(crate) struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+        }
+        for &b in chunks.remainder() {
+            self.add(b as u64);
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.add(i as u64);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+struct Local {
+    engine_id: u64,
+    shared: Weak<Shared>,
+    slot: Arc<Slot>,
+    routes: FxMap<Box<str>, Route>,
+    log_routes: FxMap<Box<str>, Route>,
+    credit: usize,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        self.slot.dead.store(true, Ordering::Release);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.budget.release(self.credit);
+            shared.wake();
+        }
+    }
+}
+
+thread_local! {
+    static LOCALS: RefCell<Vec<Local>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Shared {
+    fn route(&self, key: &str) -> Route {
+        let policy = self.config.policy_index(key);
+        let p = self.config.policy_at(policy);
+        Route {
+            policy: policy as u16,
+            passthrough: p.passthrough,
+            on_full: p.on_full,
+            block_timeout: p.block_timeout,
+        }
+    }
+
+    pub(crate) fn prefix_depth_of(&self, policy: u16) -> usize {
+        self.config
+            .policy_at(policy as usize)
+            .prefix_depth
+            .unwrap_or(self.config.prefix_depth)
+    }
+
+    /// Accepts a bus event or sample. Returns once it is queued (or counted as dropped).
+    pub(crate) fn submit_event(self: &Arc<Self>, ev: BusEvent, kind: RecordKind) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        let mut ev = Some(ev);
+        let res = LOCALS.try_with(|cell| {
+            let Ok(mut locals) = cell.try_borrow_mut() else {
+                return None;
+            };
+            let ev = ev.take()?;
+            let local = local_for(&mut locals, self);
+            Some(self.push_event(local, ev, kind))
+        });
+        match res {
+            Ok(Some(r)) => r,
+            // Re-entered from inside the hot path, or during thread teardown:
+            // take the slow path through the control channel.
+            _ => match ev.take() {
+                Some(ev) => self.submit_event_slow(ev, kind),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn push_event(&self, local: &mut Local, ev: BusEvent, kind: RecordKind) -> Result<()> {
+        let route = match local.routes.get(ev.name.as_str()) {
+            Some(r) => *r,
+            None => {
+                validate_name(&ev.name)?;
+                if local.routes.len() >= ROUTE_CACHE_MAX {
+                    local.routes.clear();
+                }
+                let r = self.route(&ev.name);
+                local.routes.insert(ev.name.as_str().into(), r);
+                r
+            }
+        };
+        let size = ev.name.len() + estimate_value(&ev.payload) + 64;
+        let mut flags = 0;
+        if route.passthrough {
+            flags |= F_PASSTHROUGH;
+            self.deliver_passthrough(&ev);
+        }
+        match self.admit(local, size, route, route.passthrough) {
+            Some(extra) => flags |= extra,
+            None => {
+                let depth = self.prefix_depth_of(route.policy);
+                self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
+                return Ok(());
+            }
+        }
+        let entry = Entry::Event {
+            ev,
+            kind,
+            policy: route.policy,
+            size: size as u32,
+            flags,
+        };
+        self.push_entry(local, entry);
+        Ok(())
+    }
+
+    /// Accepts a log record. `urgent` closes its batch at the next sweep.
+    pub(crate) fn submit_log(self: &Arc<Self>, rec: LogRecord, urgent: bool) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        let mut rec = Some(rec);
+        let res = LOCALS.try_with(|cell| {
+            let Ok(mut locals) = cell.try_borrow_mut() else {
+                return None;
+            };
+            let rec = rec.take()?;
+            let local = local_for(&mut locals, self);
+            Some(self.push_log(local, rec, urgent))
+        });
+        match res {
+            Ok(Some(r)) => r,
+            _ => match rec.take() {
+                Some(rec) => {
+                    let route = self.route(&rec.key());
+                    let size = estimate_log(&rec);
+                    if !self.budget.try_acquire(size, urgent) {
+                        let key = rec.key();
+                        self.count_drop(
+                            prefix_of(&key, self.prefix_depth_of(route.policy)),
+                            rec.ts_ns,
+                        );
+                        return Ok(());
+                    }
+                    let entry = Entry::Log {
+                        rec: Box::new(rec),
+                        policy: route.policy,
+                        size: size as u32,
+                        flags: if urgent { F_URGENT } else { 0 },
+                    };
+                    self.send_ctl(CtlMsg::Entries(vec![entry]));
+                    Ok(())
+                }
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn push_log(&self, local: &mut Local, rec: LogRecord, urgent: bool) -> Result<()> {
+        let route = match local.log_routes.get(&*rec.target) {
+            Some(r) => *r,
+            None => {
+                if local.log_routes.len() >= ROUTE_CACHE_MAX {
+                    local.log_routes.clear();
+                }
+                let r = self.route(&rec.key());
+                local.log_routes.insert((*rec.target).into(), r);
+                r
+            }
+        };
+        let size = estimate_log(&rec);
+        let mut flags = if urgent { F_URGENT } else { 0 };
+        match self.admit(local, size, route, urgent) {
+            Some(extra) => flags |= extra,
+            None => {
+                let key = rec.key();
+                self.count_drop(
+                    prefix_of(&key, self.prefix_depth_of(route.policy)),
+                    rec.ts_ns,
+                );
+                return Ok(());
+            }
+        }
+        let entry = Entry::Log {
+            rec: Box::new(rec),
+            policy: route.policy,
+            size: size as u32,
+            flags,
+        };
+        self.push_entry(local, entry);
+        Ok(())
+    }
+
+    /// Takes budget for `size` bytes. `None` means the record is dropped;
+    /// `Some(flags)` carries F_EVICT when the engine must make room.
+    fn admit(&self, local: &mut Local, size: usize, route: Route, priority: bool) -> Option<u8> {
+        if local.credit >= size {
+            local.credit -= size;
+            return Some(0);
+        }
+        let block = self.budget.credit_block();
+        if size < block && self.budget.try_acquire(block, false) {
+            local.credit += block - size;
+            return Some(0);
+        }
+        if self.budget.try_acquire(size, false) {
+            return Some(0);
+        }
+        if priority && self.budget.try_acquire(size, true) {
+            return Some(0);
+        }
+        match route.on_full {
+            OnFull::DropNewest => None,
+            OnFull::Block => self
+                .budget
+                .acquire_until(size, Instant::now() + route.block_timeout)
+                .then_some(0),
+            OnFull::DropOldest => self.budget.try_acquire(size, true).then_some(F_EVICT),
+        }
+    }
+
+    fn push_entry(&self, local: &mut Local, entry: Entry) {
+        let mut inner = local.slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = inner.cur.is_empty();
+        if was_empty && inner.cur.capacity() == 0 {
+            inner.cur.reserve_exact(CHUNK);
+        }
+        inner.cur.push(entry);
+        let full = inner.cur.len() >= CHUNK;
+        if full {
+            let chunk = std::mem::replace(&mut inner.cur, Vec::with_capacity(CHUNK));
+            inner.full.push(chunk);
+        }
+        drop(inner);
+        if full {
+            if !self.chunk_ready.swap(true, Ordering::AcqRel) {
+                self.wake();
+            }
+        } else if was_empty
+            && self.idle.load(Ordering::SeqCst)
+            && self.idle.swap(false, Ordering::SeqCst)
+        {
+            self.wake();
+        }
+    }
+
+    fn submit_event_slow(&self, ev: BusEvent, kind: RecordKind) -> Result<()> {
+        validate_name(&ev.name)?;
+        let route = self.route(&ev.name);
+        let size = ev.name.len() + estimate_value(&ev.payload) + 64;
+        let mut flags = 0;
+        if route.passthrough {
+            flags |= F_PASSTHROUGH;
+            self.deliver_passthrough(&ev);
+        }
+        if !self.budget.try_acquire(size, route.passthrough) {
+            let depth = self.prefix_depth_of(route.policy);
+            self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
+            return Ok(());
+        }
+        self.send_ctl(CtlMsg::Entries(vec![Entry::Event {
+            ev,
+            kind,
+            policy: route.policy,
+            size: size as u32,
+            flags,
+        }]));
+        Ok(())
+    }
+}
+
+fn local_for<'a>(locals: &'a mut Vec<Local>, shared: &Arc<Shared>) -> &'a mut Local {
+    if let Some(i) = locals.iter().position(|l| l.engine_id == shared.id) {
+        return &mut locals[i];
+    }
+    // Forget engines that are gone before registering with a new one.
+    locals.retain(|l| l.shared.strong_count() > 0);
+    let slot = Arc::new(Slot::default());
+    shared
+        .slots
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(slot.clone());
+    locals.push(Local {
+        engine_id: shared.id,
+        shared: Arc::downgrade(shared),
+        slot,
+        routes: FxMap::default(),
+        log_routes: FxMap::default(),
+        credit: 0,
+    });
+    let last = locals.len() - 1;
+    &mut locals[last]
+}

@@ -1,0 +1,32 @@
+//! # spillway: flood control for busy services
+//!
+//! One coalescing pipeline takes what a busy service emits (bus publishes,
+//! `tracing` events, telemetry samples), groups it by key prefix, and releases
+//! it in batches: one `<prefix>:batch` event per batch instead of a spray of
+//! single events.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use spillway::{BatchConfig, BatchingBus, Engine, MessageBus};
+//!
+//! let (engine, _guard) = Engine::builder(BatchConfig::default()).build()?;
+//! let bus = BatchingBus::new(&engine, Arc::new(MessageBus::new()));
+//! bus.publish("data:users:created", serde_json::json!({ "id": 42 }))?;
+//! bus.flush()?;
+//! # Ok::<(), spillway::Error>(())
+//! ```
+
+mod error;
+pub mod layer;
+
+pub use error::{Error, Result};
+pub use layer::bus::{
+    BatchAwareSubscriber, BatchStream, BatchingBus, InnerBus, Lagged, MessageBus, SubscriptionId,
+};
+pub use layer::config::{default_rules, BatchConfig, BatchConfigBuilder, OnFull, Policy};
+pub use layer::engine::{Engine, EngineBuilder, Guard, PrefixStats, Sink, Stats};
+pub use layer::name::{prefix_of, validate_name, Pattern};
+pub use layer::record::{
+    now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, RecordKind, Records, SpanRecord,
+};
+pub use layer::summary::{StatsReducer, Summarizer};
