@@ -65,15 +65,30 @@ impl Budget {
         }
     }
 
-    /// Waits until `bytes` fit or `deadline` passes.
-    pub(crate) fn acquire_until(&self, bytes: usize, deadline: Instant) -> bool {
-        if self.try_acquire(bytes, false) {
+    /// Whether a prefix holding `prefix_bytes` may take more: always while
+    /// the budget is less than three-quarters spent, and otherwise only while
+    /// the prefix holds at most half of it.
+    pub(crate) fn fair(&self, prefix_bytes: usize) -> bool {
+        prefix_bytes <= self.limit / 2 || self.used() <= self.limit / 4 * 3
+    }
+
+    /// Waits until `bytes` fit, fairly for a prefix whose current holding
+    /// `prefix_bytes()` reports, or until `deadline` passes.
+    pub(crate) fn acquire_until(
+        &self,
+        bytes: usize,
+        deadline: Instant,
+        overdraft: bool,
+        prefix_bytes: impl Fn() -> usize,
+    ) -> bool {
+        let attempt = || self.fair(prefix_bytes()) && self.try_acquire(bytes, overdraft);
+        if attempt() {
             return true;
         }
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let ok = loop {
-            if self.try_acquire(bytes, false) {
+            if attempt() {
                 break true;
             }
             let now = Instant::now();
@@ -103,16 +118,19 @@ impl Budget {
     }
 }
 
-/// Budget held by a batch; given back when the batch is dropped.
+/// Budget held by a batch (globally and by its prefix); given back when the
+/// batch is dropped.
 pub(crate) struct Reservation {
     budget: Option<Arc<Budget>>,
+    share: Arc<AtomicUsize>,
     bytes: usize,
 }
 
 impl Reservation {
-    pub(crate) fn new(budget: &Arc<Budget>, bytes: usize) -> Reservation {
+    pub(crate) fn new(budget: &Arc<Budget>, share: &Arc<AtomicUsize>, bytes: usize) -> Reservation {
         Reservation {
             budget: Some(budget.clone()),
+            share: share.clone(),
             bytes,
         }
     }
@@ -127,6 +145,7 @@ impl std::fmt::Debug for Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(b) = self.budget.take() {
+            self.share.fetch_sub(self.bytes, Ordering::Relaxed);
             b.release(self.bytes);
         }
     }
@@ -148,8 +167,14 @@ mod tests {
             !b.try_acquire(500, true),
             "but no more than limit + limit/8"
         );
-        drop(Reservation::new(&b, 600));
+        let share = Arc::new(AtomicUsize::new(600));
+        drop(Reservation::new(&b, &share, 600));
         assert_eq!(b.used(), 100);
+        assert_eq!(
+            share.load(Ordering::Relaxed),
+            0,
+            "the prefix's share is given back too"
+        );
         assert!(b.try_acquire(600, false));
     }
 
@@ -160,7 +185,7 @@ mod tests {
         assert!(b.try_acquire(1000, false));
         let b2 = b.clone();
         let t = std::thread::spawn(move || {
-            b2.acquire_until(500, Instant::now() + Duration::from_secs(30))
+            b2.acquire_until(500, Instant::now() + Duration::from_secs(30), false, || 0)
         });
         while b.waiters.load(Ordering::SeqCst) == 0 {
             std::thread::yield_now();

@@ -57,7 +57,9 @@ pub enum OnFull {
     Block,
     /// Drop the new record.
     DropNewest,
-    /// Make room by dropping the oldest records still waiting in this prefix's batch.
+    /// Make room by dropping the oldest records still waiting in this prefix's
+    /// open batch (waiting up to `block_timeout` for the engine to do so; a
+    /// record that still does not fit is dropped itself).
     DropOldest,
 }
 
@@ -87,7 +89,7 @@ pub struct Policy {
     /// What to do when the memory budget is spent.
     #[serde(default = "default_on_full")]
     pub on_full: OnFull,
-    /// How long [`OnFull::Block`] waits for room.
+    /// How long [`OnFull::Block`] (and [`OnFull::DropOldest`]) waits for room.
     #[serde(
         rename = "block_timeout_ms",
         with = "millis",

@@ -196,6 +196,7 @@ pub(crate) struct Shared {
     pt_tx: Mutex<Sender<PtMsg>>,
     pt_pending: AtomicUsize,
     drops: Mutex<HashMap<Box<str>, (u64, i64)>>,
+    shares: Mutex<HashMap<Box<str>, Arc<AtomicUsize>>>,
     pub(crate) subs: RwLock<Arc<Vec<Arc<SubEntry>>>>,
     pub(crate) next_sub_id: AtomicU64,
     pub(crate) inner: RwLock<Option<Arc<dyn InnerBus>>>,
@@ -217,6 +218,25 @@ impl Shared {
     pub(crate) fn send_ctl(&self, msg: CtlMsg) {
         let _ = self.ctl.lock().unwrap_or_else(|e| e.into_inner()).send(msg);
         self.wake();
+    }
+
+    /// The byte counter of `prefix`, shared by publishers and the engine.
+    pub(crate) fn share_for(&self, prefix: &str) -> Arc<AtomicUsize> {
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        match shares.get(prefix) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(AtomicUsize::new(0));
+                shares.insert(prefix.into(), s.clone());
+                s
+            }
+        }
+    }
+
+    /// Gives back budget for a record that the engine will not keep.
+    fn release(&self, share: &AtomicUsize, bytes: usize) {
+        share.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.release(bytes);
     }
 
     pub(crate) fn count_drop(&self, prefix: &str, ts_ns: i64) {
@@ -319,6 +339,7 @@ impl EngineBuilder {
             pt_tx: Mutex::new(pt_tx),
             pt_pending: AtomicUsize::new(0),
             drops: Mutex::new(HashMap::new()),
+            shares: Mutex::new(HashMap::new()),
             subs: RwLock::new(Arc::new(Vec::new())),
             next_sub_id: AtomicU64::new(1),
             inner: RwLock::new(None),
@@ -559,6 +580,7 @@ impl Drop for Guard {
 
 struct Acc {
     prefix: Arc<str>,
+    share: Arc<AtomicUsize>,
     policy: u16,
     kind: RecordKind,
     events: Vec<BusEvent>,
@@ -749,7 +771,8 @@ impl EngineState {
         }
         if passthrough && !persist {
             // Delivered already; nothing to keep.
-            self.shared.budget.release(size);
+            let share = self.shared.share_for(prefix);
+            self.shared.release(&share, size);
             self.key_buf = key;
             return;
         }
@@ -766,6 +789,7 @@ impl EngineState {
             None => {
                 accs.push(Acc {
                     prefix: prefix.into(),
+                    share: self.shared.share_for(prefix),
                     policy: policy_idx,
                     kind,
                     events: Vec::new(),
@@ -807,7 +831,7 @@ impl EngineState {
                 }
             }
             acc.bytes = acc.bytes.saturating_sub(freed);
-            self.shared.budget.release(freed);
+            self.shared.release(&acc.share, freed);
             evicted = n as u64;
         }
         let ts = match &entry {
@@ -872,6 +896,7 @@ impl EngineState {
             if accs.is_empty() {
                 accs.push(Acc {
                     prefix: prefix.as_ref().into(),
+                    share: self.shared.share_for(&prefix),
                     policy: self.shared.config.policy_index(&prefix) as u16,
                     kind: RecordKind::Event,
                     events: Vec::new(),
@@ -1020,6 +1045,11 @@ impl EngineState {
             v.retain(|a| a.len() > 0 || a.dropped > 0 || a.last_active.elapsed() < quiet);
             !v.is_empty()
         });
+        self.shared
+            .shares
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| Arc::strong_count(s) > 1 || s.load(Ordering::Relaxed) > 0);
     }
 
     fn snapshot(&self) -> Stats {
@@ -1101,7 +1131,11 @@ impl Ctx<'_> {
             persist: policy.persist,
             urgent: false,
             summary: None,
-            _reservation: Reservation::new(&self.shared.budget, std::mem::take(&mut acc.bytes)),
+            _reservation: Reservation::new(
+                &self.shared.budget,
+                &acc.share,
+                std::mem::take(&mut acc.bytes),
+            ),
         };
         batch.urgent = matches!(&batch.records, Records::Logs(l) if l.iter().any(|r| r.level <= tracing_core::Level::WARN));
         if let Some(reducer) = policy

@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -59,12 +59,14 @@ pub(crate) struct Slot {
 }
 
 /// What a publisher needs to know about a name, resolved once per thread.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Route {
     policy: u16,
     passthrough: bool,
     on_full: OnFull,
     block_timeout: Duration,
+    /// Bytes of this route's prefix held in the engine (shared by all routes of the prefix).
+    share: Arc<AtomicUsize>,
 }
 
 /// A small, fast hasher for the per-thread route caches (FxHash).
@@ -128,11 +130,13 @@ impl Shared {
     fn route(&self, key: &str) -> Route {
         let policy = self.config.policy_index(key);
         let p = self.config.policy_at(policy);
+        let depth = p.prefix_depth.unwrap_or(self.config.prefix_depth);
         Route {
             policy: policy as u16,
             passthrough: p.passthrough,
             on_full: p.on_full,
             block_timeout: p.block_timeout,
+            share: self.share_for(prefix_of(key, depth)),
         }
     }
 
@@ -169,17 +173,17 @@ impl Shared {
     }
 
     fn push_event(&self, local: &mut Local, ev: BusEvent, kind: RecordKind) -> Result<()> {
-        let route = match local.routes.get(ev.name.as_str()) {
-            Some(r) => *r,
-            None => {
-                validate_name(&ev.name)?;
-                if local.routes.len() >= ROUTE_CACHE_MAX {
-                    local.routes.clear();
-                }
-                let r = self.route(&ev.name);
-                local.routes.insert(ev.name.as_str().into(), r);
-                r
+        if !local.routes.contains_key(ev.name.as_str()) {
+            validate_name(&ev.name)?;
+            if local.routes.len() >= ROUTE_CACHE_MAX {
+                local.routes.clear();
             }
+            let r = self.route(&ev.name);
+            local.routes.insert(ev.name.as_str().into(), r);
+        }
+        let Local { routes, credit, .. } = local;
+        let Some(route) = routes.get(ev.name.as_str()) else {
+            return Ok(());
         };
         let size = ev.name.len() + estimate_value(&ev.payload) + 64;
         let mut flags = 0;
@@ -187,7 +191,7 @@ impl Shared {
             flags |= F_PASSTHROUGH;
             self.deliver_passthrough(&ev);
         }
-        match self.admit(local, size, route, route.passthrough) {
+        match self.admit(credit, size, route, route.passthrough) {
             Some(extra) => flags |= extra,
             None => {
                 let depth = self.prefix_depth_of(route.policy);
@@ -202,7 +206,7 @@ impl Shared {
             size: size as u32,
             flags,
         };
-        self.push_entry(local, entry);
+        self.push_entry(&local.slot, entry);
         Ok(())
     }
 
@@ -226,7 +230,9 @@ impl Shared {
                 Some(rec) => {
                     let route = self.route(&rec.key());
                     let size = estimate_log(&rec);
+                    route.share.fetch_add(size, Ordering::Relaxed);
                     if !self.budget.try_acquire(size, urgent) {
+                        route.share.fetch_sub(size, Ordering::Relaxed);
                         let key = rec.key();
                         self.count_drop(
                             prefix_of(&key, self.prefix_depth_of(route.policy)),
@@ -249,20 +255,22 @@ impl Shared {
     }
 
     fn push_log(&self, local: &mut Local, rec: LogRecord, urgent: bool) -> Result<()> {
-        let route = match local.log_routes.get(&*rec.target) {
-            Some(r) => *r,
-            None => {
-                if local.log_routes.len() >= ROUTE_CACHE_MAX {
-                    local.log_routes.clear();
-                }
-                let r = self.route(&rec.key());
-                local.log_routes.insert((*rec.target).into(), r);
-                r
+        if !local.log_routes.contains_key(&*rec.target) {
+            if local.log_routes.len() >= ROUTE_CACHE_MAX {
+                local.log_routes.clear();
             }
+            let r = self.route(&rec.key());
+            local.log_routes.insert((*rec.target).into(), r);
+        }
+        let Local {
+            log_routes, credit, ..
+        } = local;
+        let Some(route) = log_routes.get(&*rec.target) else {
+            return Ok(());
         };
         let size = estimate_log(&rec);
         let mut flags = if urgent { F_URGENT } else { 0 };
-        match self.admit(local, size, route, urgent) {
+        match self.admit(credit, size, route, urgent) {
             Some(extra) => flags |= extra,
             None => {
                 let key = rec.key();
@@ -279,40 +287,59 @@ impl Shared {
             size: size as u32,
             flags,
         };
-        self.push_entry(local, entry);
+        self.push_entry(&local.slot, entry);
         Ok(())
     }
 
     /// Takes budget for `size` bytes. `None` means the record is dropped;
     /// `Some(flags)` carries F_EVICT when the engine must make room.
-    fn admit(&self, local: &mut Local, size: usize, route: Route, priority: bool) -> Option<u8> {
-        if local.credit >= size {
-            local.credit -= size;
-            return Some(0);
+    ///
+    /// Fairness: once the budget is three-quarters spent, a prefix holding
+    /// more than half of it is treated as full, so one flooding prefix (a
+    /// DEBUG storm from one module) cannot starve the others.
+    fn admit(&self, credit: &mut usize, size: usize, route: &Route, priority: bool) -> Option<u8> {
+        let mine = route.share.fetch_add(size, Ordering::Relaxed) + size;
+        let fair = priority || self.budget.fair(mine);
+        if fair {
+            if *credit >= size {
+                *credit -= size;
+                return Some(0);
+            }
+            let block = self.budget.credit_block();
+            if size < block && self.budget.try_acquire(block, false) {
+                *credit += block - size;
+                return Some(0);
+            }
+            if self.budget.try_acquire(size, false) {
+                return Some(0);
+            }
+            if priority && self.budget.try_acquire(size, true) {
+                return Some(0);
+            }
         }
-        let block = self.budget.credit_block();
-        if size < block && self.budget.try_acquire(block, false) {
-            local.credit += block - size;
-            return Some(0);
-        }
-        if self.budget.try_acquire(size, false) {
-            return Some(0);
-        }
-        if priority && self.budget.try_acquire(size, true) {
-            return Some(0);
-        }
-        match route.on_full {
+        let deadline = Instant::now() + route.block_timeout;
+        let share = &route.share;
+        let admitted = match route.on_full {
             OnFull::DropNewest => None,
             OnFull::Block => self
                 .budget
-                .acquire_until(size, Instant::now() + route.block_timeout)
+                .acquire_until(size, deadline, false, || share.load(Ordering::Relaxed))
                 .then_some(0),
-            OnFull::DropOldest => self.budget.try_acquire(size, true).then_some(F_EVICT),
+            // Overdraw, and let the engine evict this prefix's oldest records to
+            // pay it back; wait (up to block_timeout) while it catches up.
+            OnFull::DropOldest => self
+                .budget
+                .acquire_until(size, deadline, true, || 0)
+                .then_some(F_EVICT),
+        };
+        if admitted.is_none() {
+            route.share.fetch_sub(size, Ordering::Relaxed);
         }
+        admitted
     }
 
-    fn push_entry(&self, local: &mut Local, entry: Entry) {
-        let mut inner = local.slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+    fn push_entry(&self, slot: &Slot, entry: Entry) {
+        let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
         let was_empty = inner.cur.is_empty();
         if was_empty && inner.cur.capacity() == 0 {
             inner.cur.reserve_exact(CHUNK);
@@ -345,7 +372,9 @@ impl Shared {
             flags |= F_PASSTHROUGH;
             self.deliver_passthrough(&ev);
         }
+        route.share.fetch_add(size, Ordering::Relaxed);
         if !self.budget.try_acquire(size, route.passthrough) {
+            route.share.fetch_sub(size, Ordering::Relaxed);
             let depth = self.prefix_depth_of(route.policy);
             self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
             return Ok(());
