@@ -629,19 +629,22 @@ impl EngineState {
         loop {
             let mut stop = None;
             let mut flushes = Vec::new();
+            let mut stats_requests = Vec::new();
             while let Ok(msg) = ctl.try_recv() {
                 match msg {
                     CtlMsg::Entries(entries) => entries.into_iter().for_each(|e| self.ingest(e)),
                     CtlMsg::Flush(c) => flushes.push(c),
-                    CtlMsg::Stats(tx) => {
-                        let _ = tx.send(self.snapshot());
-                    }
+                    CtlMsg::Stats(tx) => stats_requests.push(tx),
                     CtlMsg::Stop(c) => stop = Some(c),
                 }
             }
             self.shared.chunk_ready.store(false, Ordering::Release);
             let got = self.sweep();
             self.merge_drops();
+            // Answered after the sweep, so a caller sees what it published before asking.
+            for tx in stats_requests {
+                let _ = tx.send(self.snapshot());
+            }
             self.close_urgent();
             self.close_due(Instant::now());
             if !flushes.is_empty() || stop.is_some() {
