@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::layer::budget::{Budget, Reservation};
 use crate::layer::bus::{BatchAwareSubscriber, InnerBus};
 use crate::layer::config::BatchConfig;
-use crate::layer::intake::{Entry, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT};
+use crate::layer::intake::{Entry, FxMap, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT};
 use crate::layer::name::{prefix_of, Pattern};
 use crate::layer::record::{
     estimate_log, estimate_value, now_ns, Batch, BusEvent, LogRecord, RecordKind, Records,
@@ -233,12 +233,6 @@ impl Shared {
         }
     }
 
-    /// Gives back budget for a record that the engine will not keep.
-    fn release(&self, share: &AtomicUsize, bytes: usize) {
-        share.fetch_sub(bytes, Ordering::Relaxed);
-        self.budget.release(bytes);
-    }
-
     pub(crate) fn count_drop(&self, prefix: &str, ts_ns: i64) {
         let mut drops = self.drops.lock().unwrap_or_else(|e| e.into_inner());
         match drops.get_mut(prefix) {
@@ -378,9 +372,9 @@ impl EngineBuilder {
             Box::new(move || {
                 let mut st = EngineState {
                     shared: s,
-                    accs: HashMap::new(),
+                    accs: FxMap::default(),
                     heap: BinaryHeap::new(),
-                    stats: HashMap::new(),
+                    stats: FxMap::default(),
                     next_batch_id: 1,
                     sink_tx: has_sinks.then_some(sink_tx),
                     disp_tx,
@@ -592,7 +586,11 @@ struct Acc {
     dropped_since: Option<i64>,
     generation: u64,
     urgent: bool,
+    /// When the current batch opened (for pruning quiet accumulators).
     last_active: Instant,
+    /// Counters not yet folded into the engine's per-prefix stats (folded at
+    /// each close, so the per-record path touches no shared map).
+    pending: PrefixStats,
 }
 
 impl Acc {
@@ -612,9 +610,9 @@ struct Due {
 
 struct EngineState {
     shared: Arc<Shared>,
-    accs: HashMap<Box<str>, Vec<Acc>>,
+    accs: FxMap<Box<str>, Vec<Acc>>,
     heap: BinaryHeap<Due>,
-    stats: HashMap<Arc<str>, PrefixStats>,
+    stats: FxMap<Arc<str>, PrefixStats>,
     next_batch_id: u64,
     sink_tx: Option<Sender<OutMsg>>,
     disp_tx: Sender<OutMsg>,
@@ -768,18 +766,13 @@ impl EngineState {
                 prefix_of(&key, depth)
             }
         };
-        let st = stat_mut(&mut self.stats, prefix);
-        if passthrough {
-            st.passthrough += 1;
-        }
         if passthrough && !persist {
             // Delivered already; nothing to keep.
-            let share = self.shared.share_for(prefix);
-            self.shared.release(&share, size);
+            stat_mut(&mut self.stats, prefix).passthrough += 1;
+            self.shared.budget.release(size);
             self.key_buf = key;
             return;
         }
-        st.accepted += 1;
         let accs = match self.accs.get_mut(prefix) {
             Some(v) => v,
             None => self.accs.entry(prefix.into()).or_default(),
@@ -805,12 +798,16 @@ impl EngineState {
                     generation: 0,
                     urgent: false,
                     last_active: Instant::now(),
+                    pending: PrefixStats::default(),
                 });
                 accs.len() - 1
             }
         };
         self.key_buf = key;
         let acc = &mut accs[idx];
+        acc.pending.accepted += 1;
+        acc.pending.passthrough += passthrough as u64;
+        acc.share.fetch_add(size, Ordering::Relaxed);
         let mut evicted = 0u64;
         if flags & F_EVICT != 0 {
             // drop_oldest: make room for this record from the oldest ones waiting.
@@ -834,7 +831,8 @@ impl EngineState {
                 }
             }
             acc.bytes = acc.bytes.saturating_sub(freed);
-            self.shared.release(&acc.share, freed);
+            acc.share.fetch_sub(freed, Ordering::Relaxed);
+            self.shared.budget.release(freed);
             evicted = n as u64;
         }
         let ts = match &entry {
@@ -859,6 +857,7 @@ impl EngineState {
         }
         if acc.len() == 0 {
             acc.first_ts = ts;
+            acc.last_active = Instant::now();
             let age = Duration::from_nanos((now_ns() - ts).max(0) as u64);
             let at = Instant::now() + max_interval.saturating_sub(age);
             self.heap.push(Due {
@@ -871,15 +870,13 @@ impl EngineState {
         }
         acc.last_ts = ts;
         acc.bytes += size;
-        acc.last_active = Instant::now();
         match entry {
             Entry::Event { ev, .. } => acc.events.push(ev),
             Entry::Log { rec, .. } => acc.logs.push(*rec),
         }
         let len = acc.len();
-        let st = stat_mut(ctx.stats, &acc.prefix);
-        st.dropped += evicted;
-        st.max_queue = st.max_queue.max(len);
+        acc.pending.dropped += evicted;
+        acc.pending.max_queue = acc.pending.max_queue.max(len);
         if flags & F_URGENT != 0 && !acc.urgent {
             acc.urgent = true;
             self.urgent
@@ -912,6 +909,7 @@ impl EngineState {
                     generation: 0,
                     urgent: false,
                     last_active: Instant::now(),
+                    pending: PrefixStats::default(),
                 });
             }
             let acc = &mut accs[0];
@@ -932,7 +930,7 @@ impl EngineState {
         }
     }
 
-    fn ctx(&mut self) -> (Ctx<'_>, &mut HashMap<Box<str>, Vec<Acc>>) {
+    fn ctx(&mut self) -> (Ctx<'_>, &mut FxMap<Box<str>, Vec<Acc>>) {
         (
             Ctx {
                 shared: &self.shared,
@@ -1078,6 +1076,12 @@ impl EngineState {
         for (k, v) in &self.stats {
             s.prefixes.insert(k.to_string(), v.clone());
         }
+        for acc in self.accs.values().flatten() {
+            s.prefixes
+                .entry(acc.prefix.to_string())
+                .or_default()
+                .add(&acc.pending);
+        }
         for (k, (n, _)) in pending {
             s.prefixes.entry(k.to_string()).or_default().dropped += n;
         }
@@ -1088,10 +1092,7 @@ impl EngineState {
     }
 }
 
-fn stat_mut<'a>(
-    stats: &'a mut HashMap<Arc<str>, PrefixStats>,
-    prefix: &str,
-) -> &'a mut PrefixStats {
+fn stat_mut<'a>(stats: &'a mut FxMap<Arc<str>, PrefixStats>, prefix: &str) -> &'a mut PrefixStats {
     if !stats.contains_key(prefix) {
         stats.insert(prefix.into(), PrefixStats::default());
     }
@@ -1104,7 +1105,7 @@ struct Ctx<'a> {
     sink_tx: Option<&'a Sender<OutMsg>>,
     disp_tx: &'a Sender<OutMsg>,
     summarizers: &'a HashMap<String, Arc<dyn Summarizer>>,
-    stats: &'a mut HashMap<Arc<str>, PrefixStats>,
+    stats: &'a mut FxMap<Arc<str>, PrefixStats>,
 }
 
 impl Ctx<'_> {
@@ -1112,6 +1113,9 @@ impl Ctx<'_> {
     fn close(&mut self, acc: &mut Acc) {
         acc.generation += 1;
         acc.urgent = false;
+        if acc.pending != PrefixStats::default() {
+            stat_mut(self.stats, &acc.prefix).add(&std::mem::take(&mut acc.pending));
+        }
         if acc.len() == 0 && acc.dropped == 0 {
             return;
         }

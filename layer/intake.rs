@@ -65,7 +65,8 @@ pub(crate) struct Route {
     passthrough: bool,
     on_full: OnFull,
     block_timeout: Duration,
-    /// Bytes of this route's prefix held in the engine (shared by all routes of the prefix).
+    /// Bytes of this route's prefix held in the engine (counted by the engine
+    /// at ingest, given back when its batch is dropped; read on the slow path).
     share: Arc<AtomicUsize>,
 }
 
@@ -103,12 +104,31 @@ impl FxHasher {
 
 pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
+/// A thread's cache of resolved routes: one hash lookup per record.
+#[derive(Default)]
+struct RouteCache {
+    index: FxMap<Box<str>, usize>,
+    list: Vec<Route>,
+}
+
+impl RouteCache {
+    fn insert(&mut self, key: &str, route: Route) -> &Route {
+        if self.list.len() >= ROUTE_CACHE_MAX {
+            self.index.clear();
+            self.list.clear();
+        }
+        self.index.insert(key.into(), self.list.len());
+        self.list.push(route);
+        &self.list[self.list.len() - 1]
+    }
+}
+
 struct Local {
     engine_id: u64,
     shared: Weak<Shared>,
     slot: Arc<Slot>,
-    routes: FxMap<Box<str>, Route>,
-    log_routes: FxMap<Box<str>, Route>,
+    routes: RouteCache,
+    log_routes: RouteCache,
     credit: usize,
 }
 
@@ -173,17 +193,13 @@ impl Shared {
     }
 
     fn push_event(&self, local: &mut Local, ev: BusEvent, kind: RecordKind) -> Result<()> {
-        if !local.routes.contains_key(ev.name.as_str()) {
-            validate_name(&ev.name)?;
-            if local.routes.len() >= ROUTE_CACHE_MAX {
-                local.routes.clear();
-            }
-            let r = self.route(&ev.name);
-            local.routes.insert(ev.name.as_str().into(), r);
-        }
         let Local { routes, credit, .. } = local;
-        let Some(route) = routes.get(ev.name.as_str()) else {
-            return Ok(());
+        let route = match routes.index.get(ev.name.as_str()) {
+            Some(&i) => &routes.list[i],
+            None => {
+                validate_name(&ev.name)?;
+                routes.insert(&ev.name, self.route(&ev.name))
+            }
         };
         let size = ev.name.len() + estimate_value(&ev.payload) + 64;
         let mut flags = 0;
@@ -230,9 +246,7 @@ impl Shared {
                 Some(rec) => {
                     let route = self.route(&rec.key());
                     let size = estimate_log(&rec);
-                    route.share.fetch_add(size, Ordering::Relaxed);
                     if !self.budget.try_acquire(size, urgent) {
-                        route.share.fetch_sub(size, Ordering::Relaxed);
                         let key = rec.key();
                         self.count_drop(
                             prefix_of(&key, self.prefix_depth_of(route.policy)),
@@ -255,18 +269,12 @@ impl Shared {
     }
 
     fn push_log(&self, local: &mut Local, rec: LogRecord, urgent: bool) -> Result<()> {
-        if !local.log_routes.contains_key(&*rec.target) {
-            if local.log_routes.len() >= ROUTE_CACHE_MAX {
-                local.log_routes.clear();
-            }
-            let r = self.route(&rec.key());
-            local.log_routes.insert((*rec.target).into(), r);
-        }
         let Local {
             log_routes, credit, ..
         } = local;
-        let Some(route) = log_routes.get(&*rec.target) else {
-            return Ok(());
+        let route = match log_routes.index.get(&*rec.target) {
+            Some(&i) => &log_routes.list[i],
+            None => log_routes.insert(&rec.target, self.route(&rec.key())),
         };
         let size = estimate_log(&rec);
         let mut flags = if urgent { F_URGENT } else { 0 };
@@ -298,13 +306,13 @@ impl Shared {
     /// more than half of it is treated as full, so one flooding prefix (a
     /// DEBUG storm from one module) cannot starve the others.
     fn admit(&self, credit: &mut usize, size: usize, route: &Route, priority: bool) -> Option<u8> {
-        let mine = route.share.fetch_add(size, Ordering::Relaxed) + size;
-        let fair = priority || self.budget.fair(mine);
+        if *credit >= size {
+            *credit -= size;
+            return Some(0);
+        }
+        // Slow path, once per credit block: check fairness and take more budget.
+        let fair = priority || self.budget.fair(route.share.load(Ordering::Relaxed));
         if fair {
-            if *credit >= size {
-                *credit -= size;
-                return Some(0);
-            }
             let block = self.budget.credit_block();
             if size < block && self.budget.try_acquire(block, false) {
                 *credit += block - size;
@@ -332,9 +340,6 @@ impl Shared {
                 .acquire_until(size, deadline, true, || 0)
                 .then_some(F_EVICT),
         };
-        if admitted.is_none() {
-            route.share.fetch_sub(size, Ordering::Relaxed);
-        }
         admitted
     }
 
@@ -372,9 +377,7 @@ impl Shared {
             flags |= F_PASSTHROUGH;
             self.deliver_passthrough(&ev);
         }
-        route.share.fetch_add(size, Ordering::Relaxed);
         if !self.budget.try_acquire(size, route.passthrough) {
-            route.share.fetch_sub(size, Ordering::Relaxed);
             let depth = self.prefix_depth_of(route.policy);
             self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
             return Ok(());
@@ -406,8 +409,8 @@ fn local_for<'a>(locals: &'a mut Vec<Local>, shared: &Arc<Shared>) -> &'a mut Lo
         engine_id: shared.id,
         shared: Arc::downgrade(shared),
         slot,
-        routes: FxMap::default(),
-        log_routes: FxMap::default(),
+        routes: RouteCache::default(),
+        log_routes: RouteCache::default(),
         credit: 0,
     });
     let last = locals.len() - 1;

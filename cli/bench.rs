@@ -1,0 +1,247 @@
+//! `spillway bench`: spillway beside its peers, measured in the same run.
+//! Absolute figures depend on the machine; the ratios are the result.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use spillway::{BatchConfig, BatchingBus, BusEvent, Engine, MessageBus};
+
+use crate::flood::{self, FloodBus, FloodSpec, PeerBus, Worker};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// A smaller run that finishes in under a minute.
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only the scenario groups whose name contains this text
+    /// (groups: bus-publish, bus-flood).
+    #[arg(long)]
+    pub only: Option<String>,
+}
+
+impl BenchArgs {
+    fn wants(&self, group: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| group.contains(o))
+    }
+}
+
+/// One line of the results table.
+struct Row {
+    scenario: String,
+    spillway: String,
+    peer: String,
+    ratio: String,
+    target: &'static str,
+}
+
+fn row(scenario: impl Into<String>, s: String, p: String, ratio: f64, target: &'static str) -> Row {
+    Row {
+        scenario: scenario.into(),
+        spillway: s,
+        peer: p,
+        ratio: format!("{ratio:.3}"),
+        target,
+    }
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let n: u64 = if args.quick { 500_000 } else { 2_000_000 };
+    let mut rows = Vec::new();
+    if args.wants("bus-publish") {
+        eprintln!("bench: bus caller cost and throughput ({n} events)...");
+        bus_publish(n, &mut rows);
+    }
+    if args.wants("bus-flood") {
+        eprintln!("bench: start-up flood, spillway and the per-event bus...");
+        bus_flood(args.quick, &mut rows)?;
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+fn bus_publish(n: u64, rows: &mut Vec<Row>) {
+    for threads in [1, 2] {
+        let s = spillway_publish(n, threads);
+        let p = peer_publish(n, threads);
+        rows.push(row(
+            format!("publish caller cost, {threads} thread(s), ns/event"),
+            format!("{:.0}", s.caller_ns),
+            format!("{:.0}", p.caller_ns),
+            s.caller_ns / p.caller_ns,
+            if threads == 1 { "<= 150 ns" } else { "" },
+        ));
+        if threads == 1 {
+            rows.push(row(
+                "throughput to a counting subscriber, M events/s",
+                format!("{:.2}", s.events_per_s / 1e6),
+                format!("{:.2}", p.events_per_s / 1e6),
+                s.events_per_s / p.events_per_s,
+                ">= 5 M/s",
+            ));
+        }
+    }
+}
+
+fn bus_flood(quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let spec = FloodSpec {
+        files: if quick { 60_000 } else { 150_000 },
+        rows: if quick { 20_000 } else { 50_000 },
+        min_duration: Duration::from_secs(if quick { 1 } else { 3 }),
+    };
+    let (engine, guard) = Engine::builder(BatchConfig::default()).build()?;
+    let sbus: Arc<dyn FloodBus> = Arc::new(BatchingBus::new(&engine, Arc::new(MessageBus::new())));
+    let s = flood::run(sbus, &spec);
+    drop(guard);
+    let peer = Arc::new(PeerBus::new());
+    let p = flood::run(peer.clone(), &spec);
+    peer.close();
+    rows.push(row(
+        "subscriber dispatches under the flood (default data:* policy)",
+        s.dispatches.to_string(),
+        p.dispatches.to_string(),
+        p.dispatches as f64 / s.dispatches.max(1) as f64,
+        ">= 100x fewer (ratio = peer/spillway)",
+    ));
+    rows.push(row(
+        "  of which matching-callback calls",
+        s.calls.to_string(),
+        p.calls.to_string(),
+        p.calls as f64 / s.calls.max(1) as f64,
+        "(peer/spillway)",
+    ));
+    rows.push(row(
+        "events lost under the flood",
+        s.lost.to_string(),
+        p.lost.to_string(),
+        f64::NAN,
+        "0",
+    ));
+    rows.push(row(
+        "health-check latency p99 under the flood, us",
+        format!("{:.0}", s.health_p99_us),
+        format!("{:.0}", p.health_p99_us),
+        s.health_p99_us / p.health_p99_us,
+        "<= 1000 us",
+    ));
+    rows.push(row(
+        "health-check latency max under the flood, us",
+        format!("{:.0}", s.health_max_us),
+        format!("{:.0}", p.health_max_us),
+        s.health_max_us / p.health_max_us,
+        "",
+    ));
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let head = ["scenario", "spillway", "peer", "ratio", "target"];
+    let cols: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| vec![&*r.scenario, &*r.spillway, &*r.peer, &*r.ratio, r.target])
+        .collect();
+    let width: Vec<usize> = (0..head.len())
+        .map(|i| {
+            cols.iter()
+                .map(|c| c[i].len())
+                .chain([head[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[&str]| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("| {} |", parts.join(" | "));
+    };
+    line(&head);
+    let sep: Vec<String> = width.iter().map(|w| "-".repeat(*w)).collect();
+    println!("|-{}-|", sep.join("-|-"));
+    for c in &cols {
+        line(c);
+    }
+}
+
+struct PublishResult {
+    caller_ns: f64,
+    events_per_s: f64,
+}
+
+/// Times `n` publishes on a batched prefix split over `threads` threads.
+/// Caller cost is per event, per thread; throughput is to the last delivery.
+fn spillway_publish(n: u64, threads: u64) -> PublishResult {
+    let config = BatchConfig::builder()
+        .policy(
+            "bench:*",
+            spillway::Policy::batch(Duration::from_millis(50), 1000),
+        )
+        .build()
+        .expect("static bench config");
+    let Ok((engine, guard)) = Engine::builder(config).build() else {
+        return PublishResult {
+            caller_ns: f64::NAN,
+            events_per_s: f64::NAN,
+        };
+    };
+    let bus = BatchingBus::new(&engine, Arc::new(MessageBus::new()));
+    let counter = Worker::new(Duration::ZERO);
+    let _ = bus.subscribe("bench:*", counter.clone());
+    let start = Instant::now();
+    let per = n / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let bus = bus.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                for i in 0..per {
+                    let _ = bus.publish("bench:users:created", Value::from(i));
+                }
+                t.elapsed()
+            })
+        })
+        .collect();
+    let times: Vec<Duration> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    let _ = bus.flush();
+    let total = start.elapsed();
+    drop(guard);
+    let delivered = counter.events.load(std::sync::atomic::Ordering::Relaxed);
+    let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64;
+    PublishResult {
+        caller_ns: mean * 1e9 / per as f64,
+        events_per_s: delivered as f64 / total.as_secs_f64(),
+    }
+}
+
+/// The same through the per-event bus: one broadcast send per event.
+fn peer_publish(n: u64, threads: u64) -> PublishResult {
+    let peer = Arc::new(PeerBus::new());
+    let counter = Worker::new(Duration::ZERO);
+    peer.subscribe("bench:*", counter.clone());
+    let start = Instant::now();
+    let per = n / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let peer = peer.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                for i in 0..per {
+                    peer.send(BusEvent::new("bench:users:created", Value::from(i)));
+                }
+                t.elapsed()
+            })
+        })
+        .collect();
+    let times: Vec<Duration> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    peer.settle();
+    let total = start.elapsed();
+    peer.close();
+    let delivered = counter.events.load(std::sync::atomic::Ordering::Relaxed);
+    let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64;
+    PublishResult {
+        caller_ns: mean * 1e9 / per as f64,
+        events_per_s: delivered as f64 / total.as_secs_f64(),
+    }
+}
