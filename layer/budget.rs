@@ -193,7 +193,7 @@ mod tests {
         b.release(500);
         assert!(t.join().unwrap());
         assert!(
-            !b.acquire_until(1, Instant::now()),
+            !b.acquire_until(1, Instant::now(), false, || 0),
             "full again, deadline already passed"
         );
     }
