@@ -280,7 +280,8 @@ pub fn run(bus: Arc<dyn FloodBus>, spec: &FloodSpec) -> FloodReport {
     let start = Instant::now();
     let published = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
-    let spawn_pub = |f: Box<dyn FnOnce(&dyn FloodBus) -> u64 + Send>| {
+    type Publisher = Box<dyn FnOnce(&dyn FloodBus) -> u64 + Send>;
+    let spawn_pub = |f: Publisher| {
         let bus = bus.clone();
         let published = published.clone();
         let done = done.clone();

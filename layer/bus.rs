@@ -69,11 +69,13 @@ pub trait InnerBus: Send + Sync + 'static {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SubscriptionId(u64);
 
+type SubList = Arc<Vec<(u64, Pattern, Arc<dyn BatchAwareSubscriber>)>>;
+
 /// An embedded bus with glob-pattern subscriptions; events are delivered
 /// synchronously, on the publishing thread, to every matching subscriber.
 #[derive(Default)]
 pub struct MessageBus {
-    subs: RwLock<Arc<Vec<(u64, Pattern, Arc<dyn BatchAwareSubscriber>)>>>,
+    subs: RwLock<SubList>,
     next_id: AtomicU64,
     panics: AtomicU64,
 }
@@ -113,7 +115,7 @@ impl MessageBus {
         self.panics.load(Ordering::Relaxed)
     }
 
-    fn snapshot(&self) -> Arc<Vec<(u64, Pattern, Arc<dyn BatchAwareSubscriber>)>> {
+    fn snapshot(&self) -> SubList {
         self.subs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

@@ -769,6 +769,9 @@ impl EngineState {
         if passthrough && !persist {
             // Delivered already; nothing to keep.
             stat_mut(&mut self.stats, prefix).passthrough += 1;
+            self.shared
+                .share_for(prefix)
+                .fetch_sub(size, Ordering::Relaxed);
             self.shared.budget.release(size);
             self.key_buf = key;
             return;
@@ -807,7 +810,6 @@ impl EngineState {
         let acc = &mut accs[idx];
         acc.pending.accepted += 1;
         acc.pending.passthrough += passthrough as u64;
-        acc.share.fetch_add(size, Ordering::Relaxed);
         let mut evicted = 0u64;
         if flags & F_EVICT != 0 {
             // drop_oldest: make room for this record from the oldest ones waiting.

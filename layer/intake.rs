@@ -65,8 +65,8 @@ pub(crate) struct Route {
     passthrough: bool,
     on_full: OnFull,
     block_timeout: Duration,
-    /// Bytes of this route's prefix held in the engine (counted by the engine
-    /// at ingest, given back when its batch is dropped; read on the slow path).
+    /// Bytes of this route's prefix held in the engine (counted by the
+    /// publisher, given back when its batch is dropped).
     share: Arc<AtomicUsize>,
 }
 
@@ -246,7 +246,9 @@ impl Shared {
                 Some(rec) => {
                     let route = self.route(&rec.key());
                     let size = estimate_log(&rec);
+                    route.share.fetch_add(size, Ordering::Relaxed);
                     if !self.budget.try_acquire(size, urgent) {
+                        route.share.fetch_sub(size, Ordering::Relaxed);
                         let key = rec.key();
                         self.count_drop(
                             prefix_of(&key, self.prefix_depth_of(route.policy)),
@@ -306,13 +308,15 @@ impl Shared {
     /// more than half of it is treated as full, so one flooding prefix (a
     /// DEBUG storm from one module) cannot starve the others.
     fn admit(&self, credit: &mut usize, size: usize, route: &Route, priority: bool) -> Option<u8> {
+        // Counted here, exactly, so that fairness is judged on what publishers
+        // have queued, not on what the engine has got round to ingesting.
+        let mine = route.share.fetch_add(size, Ordering::Relaxed) + size;
         if *credit >= size {
             *credit -= size;
             return Some(0);
         }
         // Slow path, once per credit block: check fairness and take more budget.
-        let fair = priority || self.budget.fair(route.share.load(Ordering::Relaxed));
-        if fair {
+        if priority || self.budget.fair(mine) {
             let block = self.budget.credit_block();
             if size < block && self.budget.try_acquire(block, false) {
                 *credit += block - size;
@@ -340,6 +344,9 @@ impl Shared {
                 .acquire_until(size, deadline, true, || 0)
                 .then_some(F_EVICT),
         };
+        if admitted.is_none() {
+            route.share.fetch_sub(size, Ordering::Relaxed);
+        }
         admitted
     }
 
@@ -377,7 +384,9 @@ impl Shared {
             flags |= F_PASSTHROUGH;
             self.deliver_passthrough(&ev);
         }
+        route.share.fetch_add(size, Ordering::Relaxed);
         if !self.budget.try_acquire(size, route.passthrough) {
+            route.share.fetch_sub(size, Ordering::Relaxed);
             let depth = self.prefix_depth_of(route.policy);
             self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
             return Ok(());

@@ -32,8 +32,8 @@ struct Acc {
 
 impl Summarizer for StatsReducer {
     fn summarize(&self, batch: &Batch) -> Value {
-        let mut series: BTreeMap<&str, (BTreeMap<&str, Acc>, Map<String, Value>, u64)> =
-            BTreeMap::new();
+        type Series<'a> = (BTreeMap<&'a str, Acc>, Map<String, Value>, u64);
+        let mut series: BTreeMap<&str, Series> = BTreeMap::new();
         if let Records::Events(events) = &batch.records {
             for e in events {
                 let (nums, other, count) = series.entry(e.name.as_str()).or_default();
