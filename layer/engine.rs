@@ -488,6 +488,23 @@ impl Engine {
         Some(c)
     }
 
+    /// Installs a panic hook (chained before the existing one) that flushes
+    /// this engine with `timeout`, so the last records before a crash reach
+    /// the sinks. A panic on one of the engine's own threads skips the flush.
+    pub fn flush_on_panic(&self, timeout: Duration) {
+        let weak = Arc::downgrade(&self.shared);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let ours = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("spillway-"));
+            if let (false, Some(shared)) = (ours, weak.upgrade()) {
+                let _ = Engine { shared }.flush_timeout(timeout);
+            }
+            previous(info);
+        }));
+    }
+
     /// A snapshot of the counters (exact for everything flushed).
     pub fn stats(&self) -> Stats {
         let (tx, rx) = mpsc::channel();

@@ -675,3 +675,35 @@ fn a_flooding_prefix_cannot_take_the_whole_budget_from_a_quiet_one() {
     gate.release();
     drop(guard);
 }
+
+// Catches a panic hook that does not flush: records published just before a
+// panic must reach the sinks even though nobody calls flush().
+#[test]
+fn the_panic_hook_flushes_before_the_process_goes_down() {
+    struct Count(Arc<AtomicUsize>);
+    impl spillway::Sink for Count {
+        fn write_batch(&mut self, b: &spillway::Batch) -> spillway::Result<()> {
+            self.0.fetch_add(b.records.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&mut self) -> spillway::Result<()> {
+            Ok(())
+        }
+    }
+    let written = Arc::new(AtomicUsize::new(0));
+    let (engine, _guard) = Engine::builder(config(Policy::batch(Duration::from_secs(3600), 1000)))
+        .sink(Box::new(Count(written.clone())))
+        .build()
+        .unwrap();
+    engine.flush_on_panic(Duration::from_secs(10));
+    let e = engine.clone();
+    let r = std::thread::spawn(move || {
+        for i in 0..7 {
+            e.publish("t:crash:x", json!({ "i": i })).unwrap();
+        }
+        panic!("service bug");
+    })
+    .join();
+    assert!(r.is_err());
+    assert_eq!(written.load(Ordering::SeqCst), 7);
+}
