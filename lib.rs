@@ -30,3 +30,6 @@ pub use layer::record::{
     now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, RecordKind, Records, SpanRecord,
 };
 pub use layer::summary::{StatsReducer, Summarizer};
+pub use layer::tracing_layer::{
+    bench_caller_cost, parse_level, CallerCost, LogConfig, SpillwayLayer, SpillwayLayerBuilder,
+};

@@ -1,1 +1,1 @@
-
+mod tracing_layer;
