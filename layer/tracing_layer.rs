@@ -651,7 +651,8 @@ mod tests {
             message: Some(&mut message),
             skip_log_fields: false,
         };
-        // Field handles come from a callsite; borrow one from a real span.
+        // Field handles come from a callsite; borrow them from an enabled span.
+        let _default = tracing::subscriber::set_default(tracing_subscriber::registry());
         let span = tracing::trace_span!("probe", message = 1_u64, big = 2_u64, huge = 3_u64);
         let meta = span.metadata().expect("trace spans have metadata");
         let f = |name: &str| meta.fields().field(name).unwrap();
