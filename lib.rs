@@ -32,4 +32,5 @@ pub use layer::record::{
 pub use layer::summary::{StatsReducer, Summarizer};
 pub use layer::tracing_layer::{
     bench_caller_cost, parse_level, CallerCost, LogConfig, SpillwayLayer, SpillwayLayerBuilder,
+    BENCH_ROUNDS,
 };
