@@ -31,4 +31,5 @@ pub use layer::record::{
     now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, RecordKind, Records, SpanRecord,
 };
 pub use layer::summary::{StatsReducer, Summarizer};
+pub use layer::tracing_layer::{LogConfig, SpillwayLayer, SpillwayLayerBuilder};
 pub use setup::Config;

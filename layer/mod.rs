@@ -9,3 +9,4 @@ pub(crate) mod intake;
 pub mod name;
 pub mod record;
 pub mod summary;
+pub mod tracing_layer;
