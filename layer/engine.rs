@@ -1131,7 +1131,7 @@ impl Ctx<'_> {
     /// Closes `acc`'s batch (if it has records or drops to report) and sends it on.
     fn close(&mut self, acc: &mut Acc) {
         acc.generation += 1;
-        acc.urgent = false;
+        let urgent = std::mem::take(&mut acc.urgent);
         if acc.pending != PrefixStats::default() {
             stat_mut(self.stats, &acc.prefix).add(&std::mem::take(&mut acc.pending));
         }
@@ -1155,7 +1155,8 @@ impl Ctx<'_> {
             first_ts_ns: acc.first_ts,
             last_ts_ns: acc.last_ts,
             persist: policy.persist,
-            urgent: false,
+            // Written through at once when it holds a record its publisher marked urgent.
+            urgent,
             summary: None,
             _reservation: Reservation::new(
                 &self.shared.budget,
@@ -1163,7 +1164,6 @@ impl Ctx<'_> {
                 std::mem::take(&mut acc.bytes),
             ),
         };
-        batch.urgent = matches!(&batch.records, Records::Logs(l) if l.iter().any(|r| r.level <= tracing_core::Level::WARN));
         if let Some(reducer) = policy
             .summarize
             .as_ref()

@@ -8,6 +8,13 @@
 //! Patterns are globs over whole segments: `*` matches exactly one segment, and
 //! a trailing `*` matches one or more remaining segments.
 //!
+//! A double colon is not a separator: it belongs to the segment, so Rust
+//! module paths stay whole. The log key `log:myapp::indexer` has two segments,
+//! `log` and `myapp::indexer`, and batches per module. In a pattern, a segment
+//! ending in `::*` matches that module and every module below it:
+//! `log:myapp::*` matches `log:myapp`, `log:myapp::indexer` and
+//! `log:myapp::indexer::walk`, but not `log:myapp2`.
+//!
 //! ```
 //! use spillway::{prefix_of, Pattern};
 //! assert_eq!(prefix_of("data:users:created", 2), "data:users");
@@ -15,6 +22,8 @@
 //! let p = Pattern::parse("sentinel:*:status").unwrap();
 //! assert!(p.matches("sentinel:42:status"));
 //! assert!(Pattern::parse("data:*").unwrap().matches("data:a:b:c"));
+//! assert_eq!(prefix_of("log:myapp::indexer", 2), "log:myapp::indexer");
+//! assert!(Pattern::parse("log:myapp::*").unwrap().matches("log:myapp::indexer"));
 //! ```
 
 use crate::error::{Error, Result};
@@ -28,22 +37,68 @@ pub const DEFAULT_PREFIX_DEPTH: usize = 2;
 pub fn prefix_of(name: &str, depth: usize) -> &str {
     let depth = depth.max(1);
     let mut seen = 0;
-    for (i, b) in name.bytes().enumerate() {
-        if b == b':' {
+    let b = name.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b':' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && b[i] == b':' {
+            i += 1;
+        }
+        if i - start == 1 {
             seen += 1;
             if seen == depth {
-                return &name[..i];
+                return &name[..start];
             }
         }
     }
     name
 }
 
+/// The segments of `s`: split at single colons; `::` stays inside a segment.
+/// (Three or more colons in a row are refused by validation, see `has_colon_run`.)
+/// Whether `s` has three or more colons in a row: an empty segment next to a `::`.
+fn has_colon_run(s: &str) -> bool {
+    s.contains(":::")
+}
+
+fn segments(s: &str) -> impl Iterator<Item = &str> {
+    let b = s.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        while i < b.len() {
+            if b[i] != b':' {
+                i += 1;
+                continue;
+            }
+            let run = i;
+            while i < b.len() && b[i] == b':' {
+                i += 1;
+            }
+            if i - run != 2 {
+                let seg = &s[start..run];
+                start = i;
+                return Some(seg);
+            }
+        }
+        done = true;
+        Some(&s[start..])
+    })
+}
+
 /// Checks that `name` can be published: non-empty, no empty segment, no `*`.
 pub fn validate_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() {
         Some("the name is empty")
-    } else if name.split(':').any(str::is_empty) {
+    } else if has_colon_run(name) || segments(name).any(str::is_empty) {
         Some("it has an empty segment")
     } else if name.contains('*') {
         Some("`*` is only allowed in patterns")
@@ -63,6 +118,8 @@ pub fn validate_name(name: &str) -> Result<()> {
 enum Seg {
     Lit(Box<str>),
     Any,
+    /// `a::b::*`: the module `a::b` and every module below it (holds `a::b`).
+    Module(Box<str>),
 }
 
 /// A glob over colon-separated segments.
@@ -84,14 +141,20 @@ impl Pattern {
         if text.is_empty() {
             return Err(bad("the pattern is empty"));
         }
+        if has_colon_run(text) {
+            return Err(bad("it has an empty segment"));
+        }
         let mut segs = Vec::new();
-        for seg in text.split(':') {
+        for seg in segments(text) {
             segs.push(match seg {
                 "" => return Err(bad("it has an empty segment")),
                 "*" => Seg::Any,
-                s if s.contains('*') => {
-                    return Err(bad("`*` must be a whole segment (no `**` or `a*`)"))
+                s if s.len() > 3 && s.ends_with("::*") && !s[..s.len() - 1].contains('*') => {
+                    Seg::Module(s[..s.len() - 3].into())
                 }
+                s if s.contains('*') => return Err(bad(
+                    "`*` must be a whole segment or end a module path (`a::*`); no `**` or `a*`",
+                )),
                 s => Seg::Lit(s.into()),
             });
         }
@@ -110,16 +173,21 @@ impl Pattern {
 
     /// Whether `name` matches. Allocation-free.
     pub fn matches(&self, name: &str) -> bool {
-        let mut parts = name.split(':');
+        let mut parts = segments(name);
         let last = self.segs.len() - 1;
         for (i, seg) in self.segs.iter().enumerate() {
             let Some(part) = parts.next() else {
                 return false;
             };
-            if let Seg::Lit(lit) = seg {
-                if **lit != *part {
-                    return false;
+            match seg {
+                Seg::Lit(lit) if **lit != *part => return false,
+                Seg::Module(m)
+                    if !(part == &**m
+                        || (part.starts_with(&**m) && part[m.len()..].starts_with("::"))) =>
+                {
+                    return false
                 }
+                _ => {}
             }
             if i == last && self.open_tail {
                 return true;
@@ -158,6 +226,9 @@ mod tests {
             ("sentinel:7:status", 1, "sentinel"),
             ("a:b:c:d", 3, "a:b:c"),
             ("a:b", 0, "a"),
+            ("log:myapp::indexer", 2, "log:myapp::indexer"),
+            ("log:myapp::indexer", 1, "log"),
+            ("log:a::b:c", 2, "log:a::b"),
         ];
         for (name, depth, want) in cases {
             assert_eq!(prefix_of(name, depth), want, "prefix_of({name:?}, {depth})");
@@ -181,6 +252,15 @@ mod tests {
             ("*", "a:b", false),
             ("*:batch", "data:batch", true),
             ("gpu:*", "gpu:batch", true),
+            ("log:*", "log:myapp::indexer", true),
+            ("log:myapp::*", "log:myapp::indexer", true),
+            ("log:myapp::*", "log:myapp::indexer::walk", true),
+            ("log:myapp::*", "log:myapp", true),
+            ("log:myapp::*", "log:myapp2::x", false),
+            ("log:myapp::*", "log:myapp:x", false),
+            ("log:myapp::indexer", "log:myapp::indexer", true),
+            ("log:myapp::indexer", "log:myapp::indexer::walk", false),
+            ("log:myapp", "log:myapp::indexer", false),
         ];
         for (pat, name, want) in cases {
             let p = Pattern::parse(pat).unwrap();
@@ -191,7 +271,9 @@ mod tests {
     // Catches invalid patterns being accepted, and errors that do not quote the input.
     #[test]
     fn invalid_patterns_are_rejected_with_the_pattern_quoted() {
-        for bad in ["", "data::x", ":a", "a:", "**", "data:**", "da*ta", "a:b*"] {
+        for bad in [
+            "", "data:::x", ":a", "a:", "**", "data:**", "da*ta", "a:b*", "a::*::b", "a:*::*",
+        ] {
             let err = Pattern::parse(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }
@@ -200,11 +282,12 @@ mod tests {
     // Catches names that would create empty or wildcard batch keys.
     #[test]
     fn invalid_names_are_rejected_with_the_name_quoted() {
-        for bad in ["", "data::users", ":x", "x:", "data:*"] {
+        for bad in ["", "data:::users", ":x", "x:", "data:*", "a::b:"] {
             let err = validate_name(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }
         validate_name("data:users:created").unwrap();
         validate_name("serving.snapshot").unwrap();
+        validate_name("log:myapp::indexer").unwrap();
     }
 }

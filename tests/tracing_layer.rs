@@ -400,13 +400,12 @@ fn targets_route_to_their_own_batches() {
 }
 
 // Catches a log policy not applying to its module's records (or applying to
-// another module's): `log:a:*` closes at 3 records, other logs use the default.
-// (`log:a::*` is not a valid pattern today: `::` is an empty segment.)
+// another module's): `log:a::*` closes at 3 records, other logs use the default.
 #[test]
 fn a_log_policy_batches_its_module() {
     let hour = Duration::from_secs(3600);
     let config = BatchConfig::builder()
-        .policy("log:a:*", Policy::batch(hour, 3))
+        .policy("log:a::*", Policy::batch(hour, 3))
         .default_policy(Policy::batch(hour, 1000))
         .build()
         .unwrap();
