@@ -18,6 +18,7 @@
 
 mod error;
 pub mod layer;
+pub mod telemetry;
 
 pub use error::{Error, Result};
 pub use layer::bus::{
@@ -30,3 +31,4 @@ pub use layer::record::{
     now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, RecordKind, Records, SpanRecord,
 };
 pub use layer::summary::{StatsReducer, Summarizer};
+pub use telemetry::{GpuSource, GpuStatus, Telemetry, TelemetryConfig};
