@@ -50,7 +50,13 @@ impl NvmlSource {
 pub(crate) fn init_reason(e: &NvmlError) -> String {
     match e {
         NvmlError::LibloadingError(e) => {
-            format!("NVML library not found ({NVML_LIBRARY}): {e}")
+            // The loader's message names the file it looked for; say it if not.
+            let e = e.to_string();
+            if e.contains(NVML_LIBRARY) {
+                format!("NVML library not found: {e}")
+            } else {
+                format!("NVML library not found ({NVML_LIBRARY}): {e}")
+            }
         }
         NvmlError::LibraryNotFound => format!("NVML library not found ({NVML_LIBRARY})"),
         NvmlError::FailedToLoadSymbol(s) => {

@@ -189,6 +189,18 @@ impl Dev {
     }
 }
 
+/// A reading as JSON: integral values as integers (bytes, MHz, percent
+/// from NVML read naturally), the rest as floats.
+fn num(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        if v >= 0.0 {
+            return (v as u64).into();
+        }
+        return (v as i64).into();
+    }
+    v.into()
+}
+
 /// The mean power between two energy-counter readings, in watts; `None`
 /// for the first reading or after the counter went back (driver reload).
 pub(crate) fn power_from_energy(prev: Option<(Instant, f64)>, cur: (Instant, f64)) -> Option<f64> {
@@ -371,7 +383,7 @@ fn sample_device(
                 dev.last_energy = Some((now, v));
             }
             Ok(Reading::Value(v)) => {
-                metrics.insert(m.field().into(), v.into());
+                metrics.insert(m.field().into(), num(v));
             }
             Ok(Reading::Reasons(reasons)) => {
                 let throttled = reasons
@@ -488,7 +500,7 @@ impl Sampler {
             let metrics: Map<String, Value> = s
                 .metrics
                 .into_iter()
-                .map(|(k, v)| (k.to_string(), v.into()))
+                .map(|(k, v)| (k.to_string(), num(v)))
                 .collect();
             p.insert("metrics".into(), Value::Object(metrics));
             self.publish(HOST_EVENT.into(), Value::Object(p))?;
@@ -728,6 +740,16 @@ mod tests {
         s.tick(at(3250)).expect("tick"); // back
         assert_eq!(fake.samples(0), 4);
         assert_eq!(states(&shared), vec![DeviceState::Ok, DeviceState::Ok]);
+    }
+
+    // Catches byte counts published as floats (`1e9` instead of
+    // `1000000000`) and fractional values being truncated.
+    #[test]
+    fn readings_keep_integers_integral() {
+        assert_eq!(num(1e9), json!(1_000_000_000u64));
+        assert_eq!(num(-3.0), json!(-3));
+        assert_eq!(num(12.5), json!(12.5));
+        assert_eq!(num(f64::NAN), Value::Null);
     }
 
     // Catches a wrong energy-to-power conversion, or a counter reset being
