@@ -136,6 +136,7 @@ fn sampler_json(c: &SamplerCost) -> Value {
         "per_tick_us": c.per_tick().as_secs_f64() * 1e6,
         "per_sample_us": c.per_sample().as_secs_f64() * 1e6,
         "cpu_percent": 100.0 * c.cpu_share(),
+        "init_ms": c.init.as_secs_f64() * 1e3,
     })
 }
 
@@ -155,11 +156,13 @@ fn print_window(
         if args.once {
             writeln!(
                 out,
-                "sampler: {} ticks, {} samples, {:.0} µs per tick, {:.3}% of one core",
+                "sampler: {} ticks, {} samples, {:.0} µs per tick, {:.3}% of one core \
+                 (+ {:.1} ms GPU library initialisation)",
                 cost.ticks,
                 cost.samples,
                 cost.per_tick().as_secs_f64() * 1e6,
-                100.0 * cost.cpu_share()
+                100.0 * cost.cpu_share(),
+                cost.init.as_secs_f64() * 1e3
             )?;
         }
     }

@@ -139,9 +139,12 @@ pub struct SamplerCost {
     /// Samples published (one per device and one for the host, per tick).
     pub samples: u64,
     /// Wall time spent inside ticks (reading sources, building and handing
-    /// over samples). Time blocked in a driver call counts too, so this is an
-    /// upper bound on the CPU time.
+    /// over samples), not counting GPU library initialisation. Time blocked
+    /// in a driver call counts too, so this is an upper bound on CPU time.
     pub busy: Duration,
+    /// Wall time spent initialising the GPU library (a one-off per
+    /// successful start, plus each retry while it is unavailable).
+    pub init: Duration,
     /// Time since the sampler started.
     pub elapsed: Duration,
 }
@@ -269,6 +272,7 @@ impl Telemetry {
             ticks: self.shared.ticks.load(Ordering::Relaxed),
             samples: self.samples(),
             busy: Duration::from_nanos(self.shared.busy_ns.load(Ordering::Relaxed)),
+            init: Duration::from_nanos(self.shared.init_ns.load(Ordering::Relaxed)),
             elapsed: self.shared.started.elapsed(),
         }
     }

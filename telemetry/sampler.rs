@@ -39,6 +39,7 @@ pub(crate) struct Shared {
     pub(crate) samples: AtomicU64,
     pub(crate) ticks: AtomicU64,
     pub(crate) busy_ns: AtomicU64,
+    pub(crate) init_ns: AtomicU64,
     pub(crate) started: Instant,
 }
 
@@ -55,6 +56,7 @@ impl Shared {
             samples: AtomicU64::new(0),
             ticks: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
+            init_ns: AtomicU64::new(0),
             started: Instant::now(),
         })
     }
@@ -230,6 +232,9 @@ struct Gpu {
     phase: Phase,
     /// The unavailability reason already logged in this episode.
     warned: Option<String>,
+    /// Time spent in `init` during the current tick (reported apart: it is
+    /// a one-off, not the steady cost).
+    init_spent: Duration,
 }
 
 impl Gpu {
@@ -252,8 +257,10 @@ impl Gpu {
 
     fn try_init(&mut self, now: Instant, backoff: Duration, cfg: &TelemetryConfig) {
         let source = &mut self.source;
+        let started = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| source.init()))
             .unwrap_or_else(|_| Err(GpuError::Unavailable("the GPU source panicked".into())));
+        self.init_spent += started.elapsed();
         match result {
             Ok(devices) if !devices.is_empty() => {
                 tracing::info!(
@@ -459,6 +466,7 @@ impl Sampler {
                 backoff: config.retry_initial(),
             },
             warned: None,
+            init_spent: Duration::ZERO,
         });
         let host = host.map(|h| {
             let mut base = Map::new();
@@ -478,8 +486,10 @@ impl Sampler {
         }
     }
 
-    /// One tick at `now`. Fails only when the engine no longer accepts samples.
-    pub(crate) fn tick(&mut self, now: Instant) -> Result<()> {
+    /// One tick at `now`; returns the time spent initialising the GPU
+    /// library in it. Fails only when the engine no longer accepts samples.
+    pub(crate) fn tick(&mut self, now: Instant) -> Result<Duration> {
+        let mut init = Duration::ZERO;
         let requested = self.shared.take_slow();
         let slow = requested || self.next_slow.is_none_or(|t| now >= t);
         if slow {
@@ -487,6 +497,7 @@ impl Sampler {
         }
         if let Some(gpu) = &mut self.gpu {
             let records = gpu.tick(now, slow, &self.config);
+            init = std::mem::take(&mut gpu.init_spent);
             *lock(&self.shared.status) = gpu.status();
             for (name, payload) in records {
                 self.publish(name, payload)?;
@@ -505,7 +516,7 @@ impl Sampler {
             p.insert("metrics".into(), Value::Object(metrics));
             self.publish(HOST_EVENT.into(), Value::Object(p))?;
         }
-        Ok(())
+        Ok(init)
     }
 
     fn publish(&self, name: String, payload: Value) -> Result<()> {
@@ -534,13 +545,15 @@ pub(crate) fn run(mut sampler: Sampler) {
         let start = Instant::now();
         let result = sampler.tick(start);
         let spent = start.elapsed();
-        shared
-            .busy_ns
-            .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed);
-        shared.ticks.fetch_add(1, Ordering::Relaxed);
-        if result.is_err() {
+        let Ok(init) = result else {
             return;
-        }
+        };
+        let add = |counter: &AtomicU64, d: Duration| {
+            counter.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        };
+        add(&shared.busy_ns, spent.saturating_sub(init));
+        add(&shared.init_ns, init);
+        shared.ticks.fetch_add(1, Ordering::Relaxed);
         next += interval;
         let now = Instant::now();
         if next <= now {

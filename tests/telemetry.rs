@@ -496,12 +496,13 @@ fn figure_sampler_cost() {
     let c = telemetry.cost();
     println!(
         "sampler ({gpus} fake GPUs + real host, 250 ms, {secs} s): {} ticks, {} samples, \
-         {:?} per tick, {:?} per sample, busy {:.4}% of one core",
+         {:?} per tick, {:?} per sample, busy {:.4}% of one core (GPU init {:?})",
         c.ticks,
         c.samples,
         c.per_tick(),
         c.per_sample(),
-        100.0 * c.cpu_share()
+        100.0 * c.cpu_share(),
+        c.init
     );
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         println!(
