@@ -172,7 +172,15 @@ impl GpuSource for NvmlSource {
             .ok_or_else(|| GpuError::Unavailable("NVML is not initialised".into()))?;
         // A `Device` borrows the `Nvml`, so it cannot be kept beside it; the
         // lookup by index is a table read in the driver library.
-        let d = nvml.device_by_index(device.index).map_err(call_error)?;
+        // A device that cannot even be opened is lost (retried), unless the
+        // whole library is gone.
+        let d = nvml.device_by_index(device.index).map_err(|e| {
+            let reason = format!("cannot open the device: {e}");
+            match call_error(e) {
+                GpuError::Unavailable(r) => GpuError::Unavailable(r),
+                _ => GpuError::Lost(reason),
+            }
+        })?;
         let mut out = Vec::with_capacity(metrics.len());
         // One call answers both utilization metrics.
         let mut utilization = None;
