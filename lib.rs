@@ -19,6 +19,7 @@
 mod error;
 pub mod layer;
 mod setup;
+pub mod telemetry;
 
 pub use error::{Error, Result};
 pub use layer::bus::{
@@ -33,3 +34,4 @@ pub use layer::record::{
 pub use layer::summary::{StatsReducer, Summarizer};
 pub use layer::tracing_layer::{LogConfig, SpillwayLayer, SpillwayLayerBuilder};
 pub use setup::Config;
+pub use telemetry::{GpuSource, GpuStatus, Telemetry, TelemetryConfig};

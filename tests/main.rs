@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one module per part.
 
 mod engine;
+mod telemetry;
 mod tracing_layer;
