@@ -262,7 +262,7 @@ mod tests {
             persist: true,
             urgent: false,
             summary: None,
-            _reservation: Reservation::new(&budget, 0),
+            _reservation: Reservation::new(&budget, &Default::default(), 0),
         }
     }
 
