@@ -65,9 +65,28 @@ pub(crate) struct Route {
     passthrough: bool,
     on_full: OnFull,
     block_timeout: Duration,
-    /// Bytes of this route's prefix held in the engine (counted by the
-    /// publisher, given back when its batch is dropped).
+    /// Bytes of this route's prefix held in the engine: added by publishers,
+    /// given back when its batch is dropped. Wrapping: it may dip below zero
+    /// for a moment, while a publisher still holds bytes in `pending`.
     share: Arc<AtomicUsize>,
+    /// Bytes this thread accepted on this route but has not yet added to
+    /// `share` (added at least every credit block, so the hot path does not
+    /// bounce the shared counter between cores).
+    pending: usize,
+}
+
+impl Route {
+    fn flush_pending(&mut self) {
+        if self.pending > 0 {
+            self.share.fetch_add(self.pending, Ordering::Relaxed);
+            self.pending = 0;
+        }
+    }
+}
+
+/// The bytes a prefix holds, from its wrapping counter.
+fn held(share: &AtomicUsize) -> usize {
+    (share.load(Ordering::Relaxed) as isize).max(0) as usize
 }
 
 /// A small, fast hasher for the per-thread route caches (FxHash).
@@ -112,14 +131,20 @@ struct RouteCache {
 }
 
 impl RouteCache {
-    fn insert(&mut self, key: &str, route: Route) -> &Route {
+    fn insert(&mut self, key: &str, route: Route) -> &mut Route {
         if self.list.len() >= ROUTE_CACHE_MAX {
+            self.flush_pending();
             self.index.clear();
             self.list.clear();
         }
         self.index.insert(key.into(), self.list.len());
         self.list.push(route);
-        &self.list[self.list.len() - 1]
+        let last = self.list.len() - 1;
+        &mut self.list[last]
+    }
+
+    fn flush_pending(&mut self) {
+        self.list.iter_mut().for_each(Route::flush_pending);
     }
 }
 
@@ -134,6 +159,8 @@ struct Local {
 
 impl Drop for Local {
     fn drop(&mut self) {
+        self.routes.flush_pending();
+        self.log_routes.flush_pending();
         self.slot.dead.store(true, Ordering::Release);
         if let Some(shared) = self.shared.upgrade() {
             shared.budget.release(self.credit);
@@ -157,6 +184,7 @@ impl Shared {
             on_full: p.on_full,
             block_timeout: p.block_timeout,
             share: self.share_for(prefix_of(key, depth)),
+            pending: 0,
         }
     }
 
@@ -195,7 +223,7 @@ impl Shared {
     fn push_event(&self, local: &mut Local, ev: BusEvent, kind: RecordKind) -> Result<()> {
         let Local { routes, credit, .. } = local;
         let route = match routes.index.get(ev.name.as_str()) {
-            Some(&i) => &routes.list[i],
+            Some(&i) => &mut routes.list[i],
             None => {
                 validate_name(&ev.name)?;
                 routes.insert(&ev.name, self.route(&ev.name))
@@ -275,7 +303,7 @@ impl Shared {
             log_routes, credit, ..
         } = local;
         let route = match log_routes.index.get(&*rec.target) {
-            Some(&i) => &log_routes.list[i],
+            Some(&i) => &mut log_routes.list[i],
             None => log_routes.insert(&rec.target, self.route(&rec.key())),
         };
         let size = estimate_log(&rec);
@@ -307,15 +335,27 @@ impl Shared {
     /// Fairness: once the budget is three-quarters spent, a prefix holding
     /// more than half of it is treated as full, so one flooding prefix (a
     /// DEBUG storm from one module) cannot starve the others.
-    fn admit(&self, credit: &mut usize, size: usize, route: &Route, priority: bool) -> Option<u8> {
-        // Counted here, exactly, so that fairness is judged on what publishers
-        // have queued, not on what the engine has got round to ingesting.
-        let mine = route.share.fetch_add(size, Ordering::Relaxed) + size;
+    fn admit(
+        &self,
+        credit: &mut usize,
+        size: usize,
+        route: &mut Route,
+        priority: bool,
+    ) -> Option<u8> {
+        // Counted by the publisher, so that fairness is judged on what has
+        // been queued, not on what the engine has got round to ingesting.
         if *credit >= size {
             *credit -= size;
+            route.pending += size;
+            if route.pending >= self.budget.credit_block() {
+                route.flush_pending();
+            }
             return Some(0);
         }
         // Slow path, once per credit block: check fairness and take more budget.
+        route.pending += size;
+        route.flush_pending();
+        let mine = held(&route.share);
         if priority || self.budget.fair(mine) {
             let block = self.budget.credit_block();
             if size < block && self.budget.try_acquire(block, false) {
@@ -335,7 +375,7 @@ impl Shared {
             OnFull::DropNewest => None,
             OnFull::Block => self
                 .budget
-                .acquire_until(size, deadline, false, || share.load(Ordering::Relaxed))
+                .acquire_until(size, deadline, false, || held(share))
                 .then_some(0),
             // Overdraw, and let the engine evict this prefix's oldest records to
             // pay it back; wait (up to block_timeout) while it catches up.
