@@ -33,5 +33,5 @@ pub use layer::record::{
 };
 pub use layer::summary::{StatsReducer, Summarizer};
 pub use layer::tracing_layer::{LogConfig, SpillwayLayer, SpillwayLayerBuilder};
-pub use setup::Config;
+pub use setup::{Config, Spillway};
 pub use telemetry::{GpuSource, GpuStatus, Telemetry, TelemetryConfig};

@@ -1,6 +1,18 @@
 //! The whole configuration file, and [`Spillway`]: the engine wired to its
 //! sinks and samplers from one data directory.
 //!
+//! ```no_run
+//! use std::sync::Arc;
+//! use tracing_subscriber::prelude::*;
+//!
+//! let mut spillway = spillway::Spillway::open("spillway-data")?;      // engine, segments, index
+//! tracing_subscriber::registry().with(spillway.layer()).init();       // 1. install the layer
+//! let bus = spillway.bus(Arc::new(spillway::MessageBus::new()));      // 2. wrap the bus
+//! spillway.start_telemetry()?;                                        // 3. start telemetry
+//! bus.publish("data:users:created", serde_json::json!({ "id": 42 }))?;
+//! # Ok::<(), spillway::Error>(())
+//! ```
+//!
 //! The file has one table per part; every key has a default, and unknown keys
 //! are refused with their name:
 //!
@@ -11,14 +23,23 @@
 //! pattern = "orders:*"
 //! max_interval_ms = 20
 //! max_count = 10
+//! [logs]           # the tracing layer (see LogConfig)
+//! urgent_level = "warn"
+//! [telemetry]      # GPU and host samplers (see TelemetryConfig)
+//! interval_ms = 250
 //! ```
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::layer::bus::{BatchingBus, InnerBus};
 use crate::layer::config::BatchConfig;
+use crate::layer::engine::{Engine, Guard};
+use crate::layer::tracing_layer::{LogConfig, SpillwayLayer};
+use crate::telemetry::{Telemetry, TelemetryConfig};
 
 /// The configuration file (`spillway.toml`).
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -27,6 +48,12 @@ pub struct Config {
     /// The engine's policies and bounds.
     #[serde(default)]
     pub batch: BatchConfig,
+    /// The tracing layer.
+    #[serde(default)]
+    pub logs: LogConfig,
+    /// The GPU and host samplers.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 impl Config {
@@ -48,6 +75,122 @@ impl Config {
             reason: e.to_string(),
         })
     }
+}
+
+/// The pipeline for one data directory: the engine with its sinks, and the
+/// samplers once started. Dropping it stops the samplers, flushes (within
+/// `batch.shutdown_timeout_ms`) and stops the engine; it never hangs.
+#[must_use = "dropping Spillway shuts the pipeline down"]
+pub struct Spillway {
+    dir: PathBuf,
+    config: Config,
+    engine: Engine,
+    telemetry: Option<Telemetry>,
+    guard: Option<Guard>,
+}
+
+impl Spillway {
+    /// Opens (creating it, owner-only) the data directory with the default configuration.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Spillway> {
+        Spillway::open_with(dir, Config::default())
+    }
+
+    /// Opens the data directory with `config`.
+    pub fn open_with(dir: impl AsRef<Path>, config: Config) -> Result<Spillway> {
+        let dir = dir.as_ref().to_path_buf();
+        create_private_dir(&dir)?;
+        config.telemetry.validate()?;
+        let (engine, guard) = Engine::builder(config.batch.clone()).build()?;
+        Ok(Spillway {
+            dir,
+            config,
+            engine,
+            telemetry: None,
+            guard: Some(guard),
+        })
+    }
+
+    /// The engine: publish, flush, stats.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A tracing layer feeding this pipeline, configured by `[logs]`.
+    pub fn layer(&self) -> SpillwayLayer {
+        SpillwayLayer::builder(&self.engine)
+            .config(self.config.logs.clone())
+            .build()
+    }
+
+    /// Wraps the service's bus: publishes go through this pipeline; batch
+    /// and passthrough events are delivered on `inner`.
+    pub fn bus(&self, inner: Arc<dyn InnerBus>) -> BatchingBus {
+        BatchingBus::new(&self.engine, inner)
+    }
+
+    /// Starts the GPU (NVML) and host samplers configured by `[telemetry]`.
+    /// A missing GPU is not an error: the summaries say `unavailable: <reason>`.
+    pub fn start_telemetry(&mut self) -> Result<&Telemetry> {
+        if self.telemetry.is_none() {
+            self.telemetry = Some(Telemetry::start(
+                &self.engine,
+                self.config.telemetry.clone(),
+            )?);
+        }
+        self.telemetry
+            .as_ref()
+            .ok_or_else(|| Error::Other("telemetry did not start".into()))
+    }
+
+    /// Starts telemetry with sources of your choosing (a fake GPU, host only).
+    pub fn start_telemetry_with(
+        &mut self,
+        gpu: Option<Box<dyn crate::telemetry::GpuSource>>,
+        host: Option<crate::telemetry::HostSource>,
+    ) -> Result<&Telemetry> {
+        let t = Telemetry::start_with(&self.engine, self.config.telemetry.clone(), gpu, host)?;
+        Ok(self.telemetry.insert(t))
+    }
+
+    /// The samplers, once started.
+    pub fn telemetry(&self) -> Option<&Telemetry> {
+        self.telemetry.as_ref()
+    }
+
+    /// See [`Engine::flush`].
+    pub fn flush(&self) -> Result<()> {
+        self.engine.flush()
+    }
+}
+
+impl Drop for Spillway {
+    fn drop(&mut self) {
+        // Samplers first, so their last window is in the final flush.
+        if let Some(mut t) = self.telemetry.take() {
+            t.stop(std::time::Duration::from_secs(2));
+        }
+        drop(self.guard.take());
+    }
+}
+
+/// Creates `dir` (and parents) readable by the owner only.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("cannot create data directory", dir, e))
 }
 
 #[cfg(test)]

@@ -2,13 +2,74 @@
 //! from ever reporting healthy, through spillway, and says what happened.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use spillway::{BatchingBus, Config, Engine, MessageBus};
+use spillway::telemetry::{FakeGpu, HostSource};
+use spillway::{BatchAwareSubscriber, BusEvent, Config, MessageBus, Spillway};
+use tracing_subscriber::prelude::*;
 
 use crate::flood::{self, FloodSpec};
+
+/// Counts the telemetry windows republished on the bus and keeps the last status.
+#[derive(Default)]
+struct Windows {
+    count: AtomicU64,
+    status: std::sync::Mutex<String>,
+}
+
+impl BatchAwareSubscriber for Windows {
+    fn on_event(&self, e: &BusEvent) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if e.name == "gpu:batch" {
+            if let Some(s) = e.payload["summary"]["status"].as_str() {
+                *self.status.lock().unwrap_or_else(|p| p.into_inner()) = s.to_string();
+            }
+        }
+    }
+}
+
+/// Modules of the replayed service logging at every level while the flood runs.
+fn start_logging_modules(stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<u64>> {
+    let module = |f: fn(u64)| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                f(n);
+                n += 1;
+                if n % 64 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            n
+        })
+    };
+    vec![
+        module(|n| {
+            let span = tracing::info_span!(target: "myapp::indexer", "index_file", file = n);
+            let _e = span.enter();
+            tracing::debug!(target: "myapp::indexer", bytes = n * 31, lang = "rust", "parsed file");
+            if n % 1000 == 999 {
+                tracing::warn!(target: "myapp::indexer", skipped = 1u64, "file too large, skipped");
+            }
+        }),
+        module(|n| {
+            tracing::info!(target: "myapp::orm", table = "users", row_id = n, op = "insert", "row written {n}");
+            if n % 5000 == 4999 {
+                tracing::error!(target: "myapp::orm", table = "sessions", "constraint violation on row {n}");
+            }
+        }),
+        module(|n| {
+            if n % 16 == 0 {
+                tracing::info!(target: "myapp::health", seq = n, ok = true, "health check answered");
+            }
+            tracing::trace!(target: "myapp::ipc", frame = n, "ipc frame sent");
+        }),
+    ]
+}
 
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
@@ -24,6 +85,9 @@ pub struct DemoArgs {
     /// Configuration file (TOML); defaults apply to everything it leaves out.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Sample a scripted GPU instead of NVML (for machines without an NVIDIA GPU).
+    #[arg(long)]
+    pub fake_gpu: bool,
 }
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
@@ -31,11 +95,25 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    crate::create_private_dir(&args.dir)?;
-    let (engine, guard) = Engine::builder(config.batch)
-        .build()
-        .context("starting the engine")?;
-    let bus = Arc::new(BatchingBus::new(&engine, Arc::new(MessageBus::new())));
+    let mut spillway =
+        Spillway::open_with(&args.dir, config).context("opening the data directory")?;
+    let engine = spillway.engine().clone();
+    // The service's logs go through spillway (a global subscriber: this is the process's own).
+    let _ = tracing_subscriber::registry()
+        .with(spillway.layer())
+        .try_init();
+    let inner = Arc::new(MessageBus::new());
+    let windows = Arc::new(Windows::default());
+    inner.subscribe("gpu:batch", windows.clone())?;
+    inner.subscribe("sys:batch", windows.clone())?;
+    let bus = Arc::new(spillway.bus(inner));
+    if args.fake_gpu {
+        spillway.start_telemetry_with(Some(Box::new(FakeGpu::demo(1))), Some(HostSource::new()))?;
+    } else {
+        spillway.start_telemetry()?;
+    }
+    let stop_logs = Arc::new(AtomicBool::new(false));
+    let loggers = start_logging_modules(stop_logs.clone());
     let spec = FloodSpec {
         files: args.events * 3 / 4,
         rows: args.events - args.events * 3 / 4,
@@ -47,8 +125,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         spec.files, spec.rows
     );
     let r = flood::run(bus.clone(), &spec);
+    stop_logs.store(true, Ordering::Relaxed);
+    let logged: u64 = loggers.into_iter().filter_map(|h| h.join().ok()).sum();
+    let gpu_status = spillway
+        .telemetry()
+        .map(|t| t.status().to_string())
+        .unwrap_or_default();
+    spillway.flush()?;
     let stats = engine.stats();
-    drop(guard);
+    drop(spillway);
     println!();
     println!("  events published       {:>12}", r.published);
     println!("  batches closed         {:>12}", stats.total.batches);
@@ -65,6 +150,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         r.health_p50_us,
         r.health_p99_us,
         r.health_max_us
+    );
+    println!(
+        "  log calls              {:>12}   (debug/info/warn/error/trace from 4 modules)",
+        logged
+    );
+    println!(
+        "  telemetry windows      {:>12}   (one gpu:batch + sys:batch per window; GPU: {})",
+        windows.count.load(Ordering::Relaxed),
+        gpu_status
     );
     println!("  dropped                {:>12}", stats.total.dropped);
     println!(

@@ -1,7 +1,6 @@
 //! The `spillway` command: run the demo, benchmark, and (as the other parts
 //! land) tail, query and inspect a data directory.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -9,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod demo;
 mod flood;
+mod gpu;
 
 #[derive(Parser, Debug)]
 #[command(name = "spillway", version, about = "Flood control for busy services")]
@@ -23,16 +23,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure spillway beside its peers in the same run; prints a table.
     Bench(bench::BenchArgs),
-}
-
-/// Creates `dir` (and parents) readable by the owner only.
-pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create data directory {}: {e}", dir.display()))
+    /// Live GPU and host telemetry, one line per summary window.
+    Gpu(gpu::GpuArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +32,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Gpu(a) => gpu::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
