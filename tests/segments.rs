@@ -9,7 +9,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 use spillway::sinks::segment::reader::{ReadItem, SegmentReader};
 use spillway::sinks::segment::{list_segments, SegmentConfig, SegmentSink, Stream};
-use spillway::{BatchConfig, Engine, FieldValue, Level, LogRecord, Policy};
+use spillway::{BatchConfig, Damage, Engine, FieldValue, FrameReader, Level, LogRecord, Policy};
 
 /// A batch config where `test:*` batches by 10 ms / 100 events.
 fn batch_config() -> BatchConfig {
@@ -145,4 +145,405 @@ fn segments_decode_with_a_plain_zstd_decoder_and_carry_the_format_fields() {
 
 fn zstd_lines(files: &[std::path::PathBuf]) -> usize {
     files.iter().map(|f| zstd_dc(f).lines().count()).sum()
+}
+
+/// The `payload.id` of every event line, in reading order, and the damage
+/// reported; `reader` must not follow.
+fn event_ids_and_damage(reader: SegmentReader) -> (Vec<u64>, Vec<Damage>) {
+    let mut ids = Vec::new();
+    let mut damage = Vec::new();
+    for item in reader {
+        match item.expect("read") {
+            ReadItem::Frame(f) => ids.extend(f.lines.iter().filter_map(|l| event_id(l))),
+            ReadItem::Damage(d) => damage.push(d),
+        }
+    }
+    (ids, damage)
+}
+
+fn event_id(line: &str) -> Option<u64> {
+    let v: Value = serde_json::from_str(line).expect("line is JSON");
+    match v["kind"].as_str() {
+        Some("event") => v["payload"]["id"].as_u64(),
+        _ => None,
+    }
+}
+
+const CRASH_CHILD_ENV: &str = "SPILLWAY_TEST_SEGMENTS_CRASH_CHILD";
+
+/// Child mode of the kill test: floods an engine with a segment sink,
+/// announcing on stdout `P n` before publishing ids below n and `F n` once
+/// `flush()` has returned for them. Runs until killed.
+fn crash_child(dir: &Path) -> ! {
+    let sink = SegmentSink::open(dir, SegmentConfig::default()).expect("child: open sink");
+    let (engine, _guard) = Engine::builder(batch_config())
+        .sink(Box::new(sink))
+        .build()
+        .expect("child: engine");
+    let mut next = 0u64;
+    loop {
+        let end = next + 500;
+        println!("P {end}");
+        for i in next..end {
+            engine
+                .publish("test:crash:item", json!({ "id": i }))
+                .expect("child: publish");
+            if i % 10 == 0 {
+                engine
+                    .submit_log(log(i, Level::INFO), false)
+                    .expect("child: log");
+            }
+        }
+        engine.flush().expect("child: flush");
+        println!("F {end}");
+        next = end;
+    }
+}
+
+// Catches flushed records lost by kill -9, records that were never
+// published appearing (garbage read as records), duplicates, and recovery
+// that reports (or cuts) anything but the torn tail.
+#[test]
+fn kill_9_mid_flood_keeps_every_flushed_record() {
+    if let Some(dir) = std::env::var_os(CRASH_CHILD_ENV) {
+        crash_child(Path::new(&dir));
+    }
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "segments::kill_9_mid_flood_keeps_every_flushed_record",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CRASH_CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let lines = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut published, mut flushed) = (0u64, 0u64);
+    let mut note = |line: &str| {
+        if let Some(n) = line.strip_prefix("P ").and_then(|n| n.parse().ok()) {
+            published = n;
+        } else if let Some(n) = line.strip_prefix("F ").and_then(|n| n.parse().ok()) {
+            flushed = n;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut progress = 0;
+    while progress < 20_000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                note(&line);
+                progress = line
+                    .strip_prefix("F ")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(progress);
+            }
+            Err(e) => {
+                let _ = child.kill();
+                panic!("child made no progress ({e:?}) after {progress} flushed records");
+            }
+        }
+    }
+    child.kill().expect("SIGKILL the child");
+    child.wait().expect("reap child");
+    lines.join().expect("stdout reader");
+    for line in rx.try_iter() {
+        note(&line);
+    }
+    assert!(flushed >= 20_000 && published >= flushed);
+
+    let sink = SegmentSink::open(dir.path(), SegmentConfig::default()).expect("reopen");
+    for d in sink.recovered() {
+        let stream = Stream::of_file(&d.path).expect("segment file");
+        let files = spillway::sinks::segment::list_stream(dir.path(), stream).expect("list");
+        let len = std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            files.last() == Some(&d.path) || !d.path.exists(),
+            "damage outside the newest file: {d}"
+        );
+        assert_eq!(d.offset, len, "the cut is at the new end: {d}");
+    }
+    drop(sink);
+    let (ids, damage) = event_ids_and_damage(SegmentReader::open(dir.path()).expect("reader"));
+    assert!(damage.is_empty(), "damage after recovery: {damage:?}");
+    let mut seen = HashSet::new();
+    for id in &ids {
+        assert!(
+            *id < published,
+            "id {id} was never published (< {published})"
+        );
+        assert!(seen.insert(*id), "id {id} appears twice");
+    }
+    let missing: Vec<u64> = (0..flushed).filter(|i| !seen.contains(i)).take(5).collect();
+    assert!(missing.is_empty(), "flushed but lost: {missing:?}...");
+}
+
+/// A data dir whose events stream holds one file of many small frames
+/// (ids 0..n); returns the file.
+fn many_frames(dir: &Path, n: u64) -> std::path::PathBuf {
+    let config = SegmentConfig {
+        max_frame_bytes: 1500,
+        ..SegmentConfig::default()
+    };
+    let sink = SegmentSink::open(dir, config).expect("open sink");
+    let (engine, guard) = Engine::builder(batch_config())
+        .sink(Box::new(sink))
+        .build()
+        .expect("engine");
+    for i in 0..n {
+        engine
+            .publish("test:users:created", json!({ "id": i }))
+            .expect("publish");
+    }
+    drop(guard);
+    let files = spillway::sinks::segment::list_stream(dir, Stream::Events).expect("list");
+    assert_eq!(files.len(), 1);
+    files[0].clone()
+}
+
+// Catches a damaged frame that stops the reader (records after it lost),
+// goes unreported, or is reported without file and offset.
+#[test]
+fn a_flipped_byte_in_a_middle_frame_costs_only_that_frame() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = many_frames(dir.path(), 400);
+    let mut reader = FrameReader::open(&file, 0).expect("frame reader");
+    let frames: Vec<_> = std::iter::from_fn(|| reader.next_frame())
+        .map(|f| f.expect("clean frame"))
+        .collect();
+    assert!(frames.len() >= 5, "{} frames", frames.len());
+    let bad = &frames[frames.len() / 2];
+    let lost: HashSet<u64> = bad.lines.iter().filter_map(|l| event_id(l)).collect();
+    let mut bytes = std::fs::read(&file).expect("read");
+    bytes[((bad.offset + bad.end) / 2) as usize] ^= 0x10;
+    std::fs::write(&file, &bytes).expect("write");
+
+    let (ids, damage) = event_ids_and_damage(SegmentReader::open(dir.path()).expect("reader"));
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!((&damage[0].path, damage[0].offset), (&file, bad.offset));
+    assert!(
+        damage[0]
+            .to_string()
+            .starts_with(&format!("{} at byte {}: ", file.display(), bad.offset)),
+        "{}",
+        damage[0]
+    );
+    let expected: Vec<u64> = (0..400).filter(|i| !lost.contains(i)).collect();
+    assert_eq!(ids, expected);
+}
+
+/// Polls `reader` until `done(ids)` or the deadline; returns the event ids
+/// seen and the damage reported.
+fn follow_until(
+    mut reader: SegmentReader,
+    done: impl Fn(&[u64]) -> bool,
+) -> (Vec<u64>, Vec<Damage>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (mut ids, mut damage) = (Vec::new(), Vec::new());
+    while !done(&ids) && std::time::Instant::now() < deadline {
+        match reader.poll().expect("poll") {
+            Some(ReadItem::Frame(f)) => ids.extend(f.lines.iter().filter_map(|l| event_id(l))),
+            Some(ReadItem::Damage(d)) => damage.push(d),
+            None => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    }
+    (ids, damage)
+}
+
+// Catches a follower that misses records written after it started, stops
+// at a rotation, or reports the writer's in-progress frames as damage.
+#[test]
+fn follow_mode_sees_appended_records_across_rotations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = SegmentConfig {
+        max_frame_bytes: 1000,
+        rotate_bytes: 3000,
+        ..SegmentConfig::default()
+    };
+    let sink = SegmentSink::open(dir.path(), config).expect("open sink");
+    let (engine, guard) = Engine::builder(batch_config())
+        .sink(Box::new(sink))
+        .build()
+        .expect("engine");
+    let reader = SegmentReader::open(dir.path())
+        .expect("reader")
+        .follow(true);
+    let n = 1000u64;
+    let follower = std::thread::spawn(move || follow_until(reader, |ids| ids.len() as u64 >= n));
+    for round in 0..20 {
+        for i in round * 50..(round + 1) * 50 {
+            engine
+                .publish("test:users:created", json!({ "id": i }))
+                .expect("publish");
+        }
+        engine.flush().expect("flush");
+    }
+    let (ids, damage) = follower.join().expect("follower");
+    drop(guard);
+    assert!(damage.is_empty(), "{damage:?}");
+    assert_eq!(ids, (0..n).collect::<Vec<_>>());
+    let files = spillway::sinks::segment::list_stream(dir.path(), Stream::Events).expect("list");
+    assert!(files.len() >= 3, "no rotation happened: {files:?}");
+}
+
+// Catches a follower that errors, reports damage, or goes backwards when
+// retention deletes files under it.
+#[test]
+fn a_follower_copes_with_retention_deleting_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = SegmentConfig {
+        max_frame_bytes: 800,
+        rotate_bytes: 1600,
+        retain_bytes: 4000,
+        ..SegmentConfig::default()
+    };
+    let sink = SegmentSink::open(dir.path(), config).expect("open sink");
+    let (engine, guard) = Engine::builder(batch_config())
+        .sink(Box::new(sink))
+        .build()
+        .expect("engine");
+    let n = 3000u64;
+    for i in 0..n / 2 {
+        engine
+            .publish("test:users:created", json!({ "id": i }))
+            .expect("publish");
+    }
+    engine.flush().expect("flush");
+    let reader = SegmentReader::open(dir.path())
+        .expect("reader")
+        .follow(true)
+        .poll_interval(std::time::Duration::from_millis(1));
+    let follower =
+        std::thread::spawn(move || follow_until(reader, |ids| ids.last() == Some(&(n - 1))));
+    for i in n / 2..n {
+        engine
+            .publish("test:users:created", json!({ "id": i }))
+            .expect("publish");
+        if i % 100 == 0 {
+            engine.flush().expect("flush");
+        }
+    }
+    engine.flush().expect("flush");
+    let (ids, damage) = follower.join().expect("follower");
+    drop(guard);
+    assert!(damage.is_empty(), "{damage:?}");
+    assert_eq!(ids.last(), Some(&(n - 1)), "the newest record was reached");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids go forward only");
+    assert!(ids.len() < n as usize, "retention deleted nothing");
+}
+
+// Property test: catches panics, endless loops and garbage lines on any
+// input. Thousands of inputs: random bytes, and real segments with flipped
+// bytes, truncations, insertions and splices, read from random offsets.
+// Every line returned must be a JSON object that the original file holds.
+#[test]
+fn the_reader_survives_arbitrary_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base_dir = dir.path().join("base");
+    let file = many_frames(&base_dir, 150);
+    let base = std::fs::read(&file).expect("read base");
+    let known: HashSet<String> = {
+        let mut r = FrameReader::open(&file, 0).expect("reader");
+        std::iter::from_fn(|| r.next_frame())
+            .flat_map(|f| f.expect("clean").lines)
+            .collect()
+    };
+    let seed = std::env::var("SPILLWAY_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_5E65);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let case_dir = dir.path().join("case");
+    let case_stream = Stream::Events.dir(&case_dir);
+    std::fs::create_dir_all(&case_stream).expect("mkdir");
+    let path = case_stream.join(file.file_name().expect("name"));
+    for case in 0..3000 {
+        let bytes = mutate(&mut rng, &base, case);
+        std::fs::write(&path, &bytes).expect("write case");
+        let len = bytes.len() as u64;
+        let start = if rng.bool() { 0 } else { rng.u64(0..=len) };
+        let context = format!("seed {seed} case {case} start {start}");
+        let mut reader = FrameReader::open(&path, start).expect("open case");
+        let mut last_end = start;
+        for step in 0.. {
+            assert!(step < 10_000, "no progress: {context}");
+            match reader.next_frame() {
+                None => break,
+                Some(Ok(f)) => {
+                    assert!(f.offset >= last_end && f.end <= len, "{context}");
+                    last_end = f.end;
+                    for l in &f.lines {
+                        assert!(known.contains(l), "garbage line {l:?}: {context}");
+                    }
+                }
+                Some(Err(d)) => {
+                    assert!(d.offset >= last_end && d.offset < len, "{d}: {context}");
+                    last_end = d.offset;
+                }
+            }
+        }
+        for item in SegmentReader::open(&case_dir)
+            .expect("dir reader")
+            .take(10_000)
+        {
+            if let ReadItem::Frame(f) = item.expect("dir read") {
+                assert!(f.lines.iter().all(|l| known.contains(l)), "{context}");
+            }
+        }
+    }
+}
+
+fn mutate(rng: &mut fastrand::Rng, base: &[u8], case: usize) -> Vec<u8> {
+    let mut b = base.to_vec();
+    match case % 6 {
+        0 => return (0..rng.usize(0..4096)).map(|_| rng.u8(..)).collect(),
+        1 => {
+            for _ in 0..rng.usize(1..8) {
+                let i = rng.usize(..b.len());
+                b[i] ^= 1 << rng.u8(0..8);
+            }
+        }
+        2 => b.truncate(rng.usize(..=b.len())),
+        3 => {
+            let at = rng.usize(..=b.len());
+            let junk: Vec<u8> = (0..rng.usize(1..300)).map(|_| rng.u8(..)).collect();
+            b.splice(at..at, junk);
+        }
+        4 => {
+            // Splice pieces of the file together at random points.
+            let mut out = Vec::new();
+            for _ in 0..rng.usize(1..6) {
+                let s = rng.usize(..b.len());
+                let e = rng.usize(s..=b.len());
+                out.extend_from_slice(&b[s..e]);
+            }
+            b = out;
+        }
+        _ => {
+            // Magic numbers sprinkled over the file.
+            for _ in 0..rng.usize(1..6) {
+                let i = rng.usize(..b.len().saturating_sub(4).max(1));
+                let end = (i + 4).min(b.len());
+                b[i..end].copy_from_slice(&[0x28, 0xB5, 0x2F, 0xFD][..end - i]);
+            }
+        }
+    }
+    b
 }
