@@ -547,3 +547,186 @@ fn mutate(rng: &mut fastrand::Rng, base: &[u8], case: usize) -> Vec<u8> {
     }
     b
 }
+
+/// Captures the segment encoding of every batch, for the measurement.
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl spillway::Sink for Capture {
+    fn write_batch(&mut self, batch: &spillway::Batch) -> spillway::Result<()> {
+        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        spillway::sinks::segment::encode::encode_batch(batch, &mut out);
+        Ok(())
+    }
+    fn flush(&mut self) -> spillway::Result<()> {
+        Ok(())
+    }
+}
+
+/// Realistic JSON log lines (several modules, typed fields, a span, numbers
+/// that vary), encoded exactly as the segment writer encodes them.
+fn realistic_log_lines(n: u64) -> Vec<u8> {
+    use std::sync::Arc;
+    let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let config = BatchConfig::builder()
+        .memory_budget(256 << 20)
+        .build()
+        .expect("config");
+    let (engine, guard) = Engine::builder(config)
+        .sink(Box::new(Capture(out.clone())))
+        .build()
+        .expect("engine");
+    let mut rng = fastrand::Rng::with_seed(7);
+    let targets = ["myapp::db", "myapp::indexer", "myapp::http", "myapp::gpu"];
+    let tables = ["users", "sessions", "files", "chunks"];
+    let span = Arc::new(spillway::SpanRecord {
+        name: Cow::Borrowed("request"),
+        fields: vec![(Cow::Borrowed("id"), FieldValue::Str("7f3a9c21".into()))],
+    });
+    for i in 0..n {
+        let t = rng.usize(..targets.len());
+        let (message, fields) = match t {
+            0 => (
+                format!("row written {}", rng.u64(..1_000_000)),
+                vec![
+                    (
+                        Cow::Borrowed("user_id"),
+                        FieldValue::U64(rng.u64(..100_000)),
+                    ),
+                    (
+                        Cow::Borrowed("table"),
+                        FieldValue::Str(tables[rng.usize(..4)].into()),
+                    ),
+                    (Cow::Borrowed("op"), FieldValue::Str("insert".into())),
+                ],
+            ),
+            1 => (
+                format!(
+                    "indexed src/module_{}/file_{}.rs",
+                    rng.u32(..50),
+                    rng.u32(..2000)
+                ),
+                vec![
+                    (Cow::Borrowed("bytes"), FieldValue::U64(rng.u64(..200_000))),
+                    (
+                        Cow::Borrowed("elapsed_ms"),
+                        FieldValue::F64(rng.f64() * 20.0),
+                    ),
+                ],
+            ),
+            2 => (
+                format!("GET /api/users/{} 200", rng.u32(..100_000)),
+                vec![(
+                    Cow::Borrowed("latency_us"),
+                    FieldValue::U64(rng.u64(100..50_000)),
+                )],
+            ),
+            _ => (
+                "sample taken".to_string(),
+                vec![
+                    (Cow::Borrowed("gpu"), FieldValue::U64(0)),
+                    (
+                        Cow::Borrowed("util_percent"),
+                        FieldValue::F64(rng.f64() * 100.0),
+                    ),
+                ],
+            ),
+        };
+        let rec = LogRecord {
+            ts_ns: spillway::now_ns(),
+            level: if i % 50 == 0 {
+                Level::DEBUG
+            } else {
+                Level::INFO
+            },
+            target: Cow::Borrowed(targets[t]),
+            module_path: Some(Cow::Borrowed(targets[t])),
+            file: Some(Cow::Borrowed("src/lib.rs")),
+            line: Some(100 + t as u32),
+            message,
+            fields,
+            spans: vec![span.clone()],
+        };
+        engine.submit_log(rec, false).expect("log");
+    }
+    drop(guard);
+    let buf = out.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    buf
+}
+
+// Measurement, not a check: zstd level 1 vs 3 and frame sizes on realistic
+// log lines. Run with
+// `cargo test --release --test integration segments::measure_compression -- --ignored --nocapture`.
+#[test]
+#[ignore = "measurement; run with --release --ignored --nocapture"]
+fn measure_compression() {
+    use std::time::Instant;
+    let text = realistic_log_lines(400_000);
+    let mb = text.len() as f64 / 1e6;
+    let count = text.iter().filter(|b| **b == b'\n').count();
+    println!(
+        "{count} lines, {mb:.1} MB, {:.0} bytes/line",
+        text.len() as f64 / count as f64
+    );
+    for level in [1, 3] {
+        for frame in [16 << 10, 64 << 10, 256 << 10, 1 << 20] {
+            let mut c = zstd::bulk::Compressor::new(level).expect("zstd");
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                .expect("checksum");
+            let mut out = Vec::new();
+            let mut written = 0usize;
+            let t = Instant::now();
+            let mut rest = &text[..];
+            while !rest.is_empty() {
+                let cut = if rest.len() <= frame {
+                    rest.len()
+                } else {
+                    rest[..frame]
+                        .iter()
+                        .rposition(|b| *b == b'\n')
+                        .map_or(rest.len(), |i| i + 1)
+                };
+                out.clear();
+                out.reserve(zstd::zstd_safe::compress_bound(cut));
+                c.compress_to_buffer(&rest[..cut], &mut out)
+                    .expect("compress");
+                written += out.len();
+                rest = &rest[cut..];
+            }
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "level {level} frame {:>5} KiB: ratio {:5.2}x, {:6.0} MB/s in",
+                frame >> 10,
+                text.len() as f64 / written as f64,
+                mb / secs
+            );
+        }
+    }
+    // Reading back: FrameReader (decompress, verify, split, validate JSON).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("logs-measure-000001.zst");
+    let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
+    c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+        .expect("checksum");
+    let mut whole = Vec::new();
+    let mut rest = &text[..];
+    while !rest.is_empty() {
+        let cut = rest[..rest.len().min(256 << 10)]
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(rest.len(), |i| i + 1);
+        whole.extend(c.compress(&rest[..cut]).expect("compress"));
+        rest = &rest[cut..];
+    }
+    std::fs::write(&path, &whole).expect("write");
+    let t = Instant::now();
+    let mut r = FrameReader::open(&path, 0).expect("reader");
+    let lines: usize = std::iter::from_fn(|| r.next_frame())
+        .map(|f| f.expect("frame").lines.len())
+        .sum();
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "FrameReader: {lines} lines, {:.0} MB/s of JSON lines, {:.2} M lines/s",
+        mb / secs,
+        lines as f64 / secs / 1e6
+    );
+}

@@ -287,7 +287,10 @@ impl FrameReader {
         self.buf.reserve(READ_CHUNK);
         // `read_to_end` on a `Take` reads into spare capacity without zeroing
         // it first, and retries on EINTR.
-        match (&mut self.file).take(READ_CHUNK as u64).read_to_end(&mut self.buf) {
+        match (&mut self.file)
+            .take(READ_CHUNK as u64)
+            .read_to_end(&mut self.buf)
+        {
             Ok(n) => Ok(n),
             Err(e) => {
                 self.buf.truncate(old);
