@@ -730,3 +730,185 @@ fn measure_compression() {
         lines as f64 / secs / 1e6
     );
 }
+
+/// `spillway tail`, compiled into this test binary from the CLI's source.
+#[path = "../cli/tail.rs"]
+mod tail;
+
+/// Parses `spillway tail` arguments as the CLI does.
+fn tail_args(argv: &[&str]) -> tail::TailArgs {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        tail: tail::TailArgs,
+    }
+    use clap::Parser;
+    let argv = std::iter::once("tail").chain(argv.iter().copied());
+    Cli::try_parse_from(argv).expect("valid arguments").tail
+}
+
+/// Runs `spillway tail` without colour; returns (stdout, stderr).
+fn run_tail(argv: &[&str]) -> (String, String) {
+    let args = tail_args(argv);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    tail::run_with(&args, &mut out, &mut err, false).expect("tail runs");
+    (
+        String::from_utf8(out).expect("utf-8 stdout"),
+        String::from_utf8(err).expect("utf-8 stderr"),
+    )
+}
+
+/// A data dir with 3 events, an INFO log with a span and fields, and a WARN log.
+fn tail_fixture(dir: &Path) {
+    let sink = SegmentSink::open(dir, SegmentConfig::default()).expect("open sink");
+    let (engine, guard) = Engine::builder(batch_config())
+        .sink(Box::new(sink))
+        .build()
+        .expect("engine");
+    for i in 0..3 {
+        engine
+            .publish("test:users:created", json!({ "id": i }))
+            .expect("publish");
+    }
+    let mut info = log(7, Level::INFO);
+    info.message = "row written".into();
+    info.fields
+        .push((Cow::Borrowed("table"), FieldValue::Str("users".into())));
+    info.spans.push(std::sync::Arc::new(spillway::SpanRecord {
+        name: Cow::Borrowed("request"),
+        fields: vec![(Cow::Borrowed("rid"), FieldValue::Str("7f3a".into()))],
+    }));
+    engine.submit_log(info, false).expect("log");
+    let mut warn = log(8, Level::WARN);
+    warn.message = "disk almost full".into();
+    engine.submit_log(warn, true).expect("log");
+    drop(guard);
+}
+
+// Catches a human format that drifts from tracing's fmt layer (level column,
+// spans, target, typed fields) or events printed without name and payload.
+#[test]
+fn tail_prints_logs_like_the_fmt_layer_and_events_with_their_payload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tail_fixture(dir.path());
+    let (out, err) = run_tail(&[dir.path().to_str().expect("utf-8 path")]);
+    assert_eq!(err, "");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 5, "{out}");
+    let info = lines
+        .iter()
+        .find(|l| l.contains("row written"))
+        .expect("info line");
+    let (ts, rest) = info.split_once(' ').expect("timestamp");
+    assert_eq!(ts.len(), "2026-12-03T16:20:01.123456Z".len(), "{info}");
+    assert!(ts.ends_with('Z') && ts.as_bytes()[10] == b'T', "{info}");
+    assert_eq!(
+        rest,
+        r#" INFO request{rid="7f3a"}: myapp::db: row written id=7 table="users""#
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l.ends_with(" WARN myapp::db: disk almost full id=8")));
+    assert!(lines
+        .iter()
+        .any(|l| l.ends_with(r#" EVENT test:users:created {"id":1}"#)));
+}
+
+// Catches filters that let the wrong records through (or none at all).
+#[test]
+fn tail_filters_by_level_prefix_grep_and_since() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tail_fixture(dir.path());
+    let d = dir.path().to_str().expect("utf-8 path");
+    let (out, _) = run_tail(&[d, "--level", "warn"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("disk almost full"));
+    let (out, _) = run_tail(&[d, "--prefix", "test:*"]);
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.lines().all(|l| l.contains("EVENT test:users:created")));
+    let (out, _) = run_tail(&[d, "--prefix", "log:*", "--grep", "table=\"users\""]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let (out, _) = run_tail(&[d, "--since", "1h"]);
+    assert_eq!(out.lines().count(), 5, "{out}");
+    let (out, _) = run_tail(&[d, "--since", "2200-01-01T00:00:00Z"]);
+    assert_eq!(out, "");
+}
+
+// Catches --json printing anything but the stored lines.
+#[test]
+fn tail_json_prints_the_stored_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tail_fixture(dir.path());
+    let (out, _) = run_tail(&[dir.path().to_str().expect("utf-8 path"), "--json"]);
+    let stored: Vec<String> = read_all(dir.path()).iter().map(Value::to_string).collect();
+    let printed: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON").to_string())
+        .collect();
+    assert_eq!(printed, stored);
+}
+
+// Catches damage that is swallowed silently or that stops the output.
+#[test]
+fn tail_reports_damage_on_stderr_and_prints_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = many_frames(dir.path(), 400);
+    let mut bytes = std::fs::read(&file).expect("read");
+    let mut r = FrameReader::open(&file, 0).expect("reader");
+    let second = r
+        .next_frame()
+        .and_then(|_| r.next_frame())
+        .expect("two frames");
+    let second = second.expect("clean");
+    bytes[(second.offset + 8) as usize] ^= 0xFF;
+    std::fs::write(&file, &bytes).expect("write");
+    let (out, err) = run_tail(&[file.to_str().expect("utf-8 path")]);
+    assert!(
+        err.contains(&format!("{} at byte {}", file.display(), second.offset)),
+        "{err}"
+    );
+    assert_eq!(out.lines().count(), 400 - second.lines.len());
+}
+
+// Catches an unreadable path being treated as "no records" (exit 0).
+#[test]
+fn tail_of_a_missing_path_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nope");
+    let args = tail_args(&[missing.to_str().expect("utf-8 path")]);
+    let err = tail::run(&args).expect_err("missing path").to_string();
+    assert!(err.contains("nope"), "{err}");
+}
+
+// Catches time and level parsing that accepts garbage or gets units wrong
+// (these helpers are shared with `spillway query`).
+#[test]
+fn since_and_level_parse_durations_times_and_names() {
+    let now = spillway::now_ns();
+    let ten_min = tail::parse_since("10m").expect("10m");
+    assert!((ten_min - (now - 600_000_000_000)).abs() < 5_000_000_000);
+    let two_h = tail::parse_since("2h").expect("2h");
+    assert!((two_h - (now - 7_200_000_000_000)).abs() < 5_000_000_000);
+    assert_eq!(
+        tail::parse_since("2026-12-03T16:20:01.5Z").expect("rfc3339"),
+        1_796_314_801_500_000_000
+    );
+    assert_eq!(
+        tail::parse_since("2026-12-03T17:20:01+01:00").expect("offset"),
+        1_796_314_801_000_000_000
+    );
+    for bad in ["", "10x", "m", "yesterday", "99999999999999999d"] {
+        assert!(tail::parse_since(bad).is_err(), "{bad:?} accepted");
+    }
+    assert_eq!(tail::parse_level("WARN").expect("warn"), Level::WARN);
+    assert_eq!(tail::parse_level("warning").expect("warning"), Level::WARN);
+    assert_eq!(tail::parse_level("trace").expect("trace"), Level::TRACE);
+    let err = tail::parse_level("loud")
+        .expect_err("bad level")
+        .to_string();
+    assert!(err.contains("loud"), "{err}");
+    let args = tail_args(&["-f", "--level", "error", "--since", "30s", "--json", "d"]);
+    assert!(args.follow && args.json);
+    assert_eq!(args.level, Some(Level::ERROR));
+    assert_eq!(args.path.as_deref(), Some(Path::new("d")));
+}
