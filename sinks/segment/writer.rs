@@ -162,24 +162,25 @@ impl SegmentSink {
     /// `all`, otherwise only while a full `max_frame_bytes` is waiting.
     fn emit(&mut self, i: usize, all: bool) -> Result<()> {
         let max = self.config.max_frame_bytes;
+        let pending = std::mem::take(&mut self.streams[i].pending);
         let mut done = 0;
         let mut result = Ok(());
         loop {
-            let rest = &self.streams[i].pending[done..];
+            let rest = &pending[done..];
             if rest.is_empty() || (!all && rest.len() < max) {
                 break;
             }
             let cut = frame_cut(rest, max);
-            let frame = self.streams[i].pending[done..done + cut].to_vec();
             done += cut;
             // A frame that cannot be written is dropped (the engine counts
             // the error); keeping it would grow memory on a full disk.
-            if let Err(e) = self.write_frame(i, &frame) {
+            if let Err(e) = self.write_frame(i, &rest[..cut]) {
                 result = Err(e);
                 break;
             }
         }
         let w = &mut self.streams[i];
+        w.pending = pending;
         w.pending.drain(..done);
         if w.pending.is_empty() {
             w.pending_since = None;
@@ -458,6 +459,12 @@ fn repair_tail(path: &Path, durability: Durability) -> Result<Option<Damage>> {
     }
     let len = reader.file_len()?;
     drop(reader);
+    if len == 0 {
+        // Created by a process that died before its first frame: nothing
+        // lost, but an empty file is not a valid zstd stream for every tool.
+        fs::remove_file(path).map_err(|e| Error::io("cannot remove empty segment", path, e))?;
+        return Ok(None);
+    }
     if len <= good_end {
         return Ok(None);
     }
@@ -757,6 +764,23 @@ mod tests {
         assert_eq!(sink.recovered().len(), 1);
         assert!(!torn.exists());
         assert!(file.exists());
+    }
+
+    // Catches an empty file (a crash between create and first write) being
+    // left for tools that refuse empty zstd input.
+    #[test]
+    fn open_removes_an_empty_newest_file_without_reporting_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, _) = two_frames(dir.path());
+        let empty = file.with_file_name(segment_file_name(
+            Stream::Events,
+            now_ns() + 1_000_000_000,
+            998,
+        ));
+        fs::write(&empty, b"").expect("create empty");
+        let sink = SegmentSink::open(dir.path(), config()).expect("reopen");
+        assert!(sink.recovered().is_empty());
+        assert!(!empty.exists() && file.exists());
     }
 
     // Catches a frame with a bad checksum in the middle being "repaired" by
