@@ -19,6 +19,7 @@
 mod error;
 pub mod layer;
 mod setup;
+pub mod sinks;
 pub mod telemetry;
 
 pub use error::{Error, Result};
@@ -34,4 +35,6 @@ pub use layer::record::{
 pub use layer::summary::{StatsReducer, Summarizer};
 pub use layer::tracing_layer::{LogConfig, SpillwayLayer, SpillwayLayerBuilder};
 pub use setup::{Config, Spillway};
+pub use sinks::segment::reader::{Damage, Frame, FrameReader, ReadItem, SegmentReader};
+pub use sinks::segment::{list_segments, Durability, SegmentConfig, SegmentSink, Stream};
 pub use telemetry::{GpuSource, GpuStatus, Telemetry, TelemetryConfig};

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per part.
 
 mod engine;
+mod segments;
 mod telemetry;
 mod tracing_layer;
