@@ -28,21 +28,20 @@ pub enum Error {
     /// A configuration file that could not be read or parsed.
     #[error("cannot load configuration from {path}: {reason}")]
     ConfigFile { path: PathBuf, reason: String },
-    /// An I/O failure on a named file or directory.
-    #[error("{action} {path}: {source}")]
+    /// An I/O failure on a named file or directory. The cause is part of the
+    /// message (and so not repeated as the error's `source`).
+    #[error("{action} {path}: {cause}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    /// A SQLite failure on a named database.
-    #[error("{action} {path}: {source}")]
+    /// A SQLite failure on a named database (the cause is part of the message).
+    #[error("{action} {path}: {cause}")]
     Sqlite {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
+        cause: rusqlite::Error,
     },
     /// A flush that did not complete before its deadline.
     #[error("flush did not complete within {0:?} (a subscriber or sink is stuck)")]
@@ -64,7 +63,7 @@ impl Error {
         Error::Io {
             action,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

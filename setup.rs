@@ -23,6 +23,8 @@
 //! pattern = "orders:*"
 //! max_interval_ms = 20
 //! max_count = 10
+//! [segments]       # zstd segment files (see SegmentConfig)
+//! durability = "buffered"
 //! [logs]           # the tracing layer (see LogConfig)
 //! urgent_level = "warn"
 //! [telemetry]      # GPU and host samplers (see TelemetryConfig)
@@ -39,6 +41,8 @@ use crate::layer::bus::{BatchingBus, InnerBus};
 use crate::layer::config::BatchConfig;
 use crate::layer::engine::{Engine, Guard};
 use crate::layer::tracing_layer::{LogConfig, SpillwayLayer};
+use crate::sinks::segment::reader::Damage;
+use crate::sinks::segment::{SegmentConfig, SegmentSink};
 use crate::telemetry::{Telemetry, TelemetryConfig};
 
 /// The configuration file (`spillway.toml`).
@@ -51,6 +55,9 @@ pub struct Config {
     /// The tracing layer.
     #[serde(default)]
     pub logs: LogConfig,
+    /// Segment files: frames, rotation, retention, durability.
+    #[serde(default)]
+    pub segments: SegmentConfig,
     /// The GPU and host samplers.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -87,6 +94,7 @@ pub struct Spillway {
     engine: Engine,
     telemetry: Option<Telemetry>,
     guard: Option<Guard>,
+    recovered: Vec<Damage>,
 }
 
 impl Spillway {
@@ -100,13 +108,18 @@ impl Spillway {
         let dir = dir.as_ref().to_path_buf();
         create_private_dir(&dir)?;
         config.telemetry.validate()?;
-        let (engine, guard) = Engine::builder(config.batch.clone()).build()?;
+        let segments = SegmentSink::open(&dir, config.segments.clone())?;
+        let recovered = segments.recovered().to_vec();
+        let (engine, guard) = Engine::builder(config.batch.clone())
+            .sink(Box::new(segments))
+            .build()?;
         Ok(Spillway {
             dir,
             config,
             engine,
             telemetry: None,
             guard: Some(guard),
+            recovered,
         })
     }
 
@@ -118,6 +131,12 @@ impl Spillway {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Torn frames cut off the segment files when the directory was opened
+    /// (after a crash: the records that were still being written).
+    pub fn recovered(&self) -> &[Damage] {
+        &self.recovered
     }
 
     /// The configuration in force.

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use spillway::telemetry::{FakeGpu, HostSource};
-use spillway::{BatchAwareSubscriber, BusEvent, Config, MessageBus, Spillway};
+use spillway::{
+    list_segments, BatchAwareSubscriber, BusEvent, Config, FrameReader, MessageBus, Spillway,
+};
 use tracing_subscriber::prelude::*;
 
 use crate::flood::{self, FloodSpec};
@@ -165,6 +167,58 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "  elapsed                {:>11.2}s",
         r.elapsed.as_secs_f64()
     );
+    let disk = segment_totals(&args.dir)?;
+    println!(
+        "  segment files          {:>12}   ({} records, {:.1} MB of JSON Lines in {:.2} MB of zstd: {:.1}x)",
+        disk.files,
+        disk.records,
+        disk.raw_bytes as f64 / 1e6,
+        disk.zst_bytes as f64 / 1e6,
+        disk.raw_bytes as f64 / disk.zst_bytes.max(1) as f64
+    );
+    if disk.damaged > 0 {
+        println!("  damaged frames         {:>12}", disk.damaged);
+    }
     println!("  data directory         {}", args.dir.display());
+    println!();
+    println!("Look at them:");
+    println!("  spillway tail {} --level warn", args.dir.display());
+    println!(
+        "  spillway tail {} --prefix 'data:*' --json | head",
+        args.dir.display()
+    );
+    println!(
+        "  zstdcat {}/segments/logs/*.zst | head",
+        args.dir.display()
+    );
     Ok(())
+}
+
+/// What the segment files hold, read back through the frame reader.
+#[derive(Default)]
+struct SegmentTotals {
+    files: usize,
+    records: u64,
+    raw_bytes: u64,
+    zst_bytes: u64,
+    damaged: u64,
+}
+
+fn segment_totals(dir: &std::path::Path) -> anyhow::Result<SegmentTotals> {
+    let mut t = SegmentTotals::default();
+    for path in list_segments(dir)? {
+        t.files += 1;
+        t.zst_bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let mut reader = FrameReader::open(&path, 0)?;
+        while let Some(frame) = reader.next_frame() {
+            match frame {
+                Ok(f) => {
+                    t.records += f.lines.len() as u64;
+                    t.raw_bytes += f.lines.iter().map(|l| l.len() as u64 + 1).sum::<u64>();
+                }
+                Err(_) => t.damaged += 1,
+            }
+        }
+    }
+    Ok(t)
 }

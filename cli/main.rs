@@ -9,6 +9,7 @@ mod bench;
 mod demo;
 mod flood;
 mod gpu;
+mod tail;
 
 #[derive(Parser, Debug)]
 #[command(name = "spillway", version, about = "Flood control for busy services")]
@@ -25,6 +26,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Live GPU and host telemetry, one line per summary window.
     Gpu(gpu::GpuArgs),
+    /// Print (and follow) the records in a data directory's segment files.
+    Tail(tail::TailArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Gpu(a) => gpu::run(a),
+        Command::Tail(a) => tail::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -718,7 +718,7 @@ impl Cursor {
                     return Ok(true);
                 }
                 // Deleted by retention since the listing: go on to the next.
-                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(Error::Io { cause, .. }) if cause.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
