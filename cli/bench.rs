@@ -15,9 +15,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only the scenario groups whose name contains this text
-    /// (groups: bus-publish, bus-flood).
+    /// (groups: bus-publish, bus-flood, logs).
     #[arg(long)]
     pub only: Option<String>,
+    /// Internal: the child process of the peak-RSS scenario.
+    #[arg(long, hide = true, value_name = "EVENTS")]
+    pub rss_burst_child: Option<u64>,
 }
 
 impl BenchArgs {
@@ -46,6 +49,9 @@ fn row(scenario: impl Into<String>, s: String, p: String, ratio: f64, target: &'
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(events) = args.rss_burst_child {
+        return crate::bench_logs::rss_burst_child(events);
+    }
     let n: u64 = if args.quick { 500_000 } else { 2_000_000 };
     let mut rows = Vec::new();
     if args.wants("bus-publish") {
@@ -56,7 +62,66 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("bench: start-up flood, spillway and the per-event bus...");
         bus_flood(args.quick, &mut rows)?;
     }
+    if args.wants("logs") {
+        let (events, burst) = if args.quick {
+            (500_000, 2_000_000)
+        } else {
+            (2_000_000, 10_000_000)
+        };
+        eprintln!("bench: tracing layer and segments beside JSON fmt + non_blocking ({events} events, burst {burst})...");
+        logs(events, burst, &mut rows)?;
+    }
     print_table(&rows);
+    Ok(())
+}
+
+fn logs(events: u64, burst: u64, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let f = crate::bench_logs::run(events, burst)?;
+    rows.push(row(
+        "info! caller cost (wall), ns/event",
+        format!("{:.0}", f.ours.caller_ns),
+        format!("{:.0}", f.peer.caller_ns),
+        f.ours.caller_ns / f.peer.caller_ns,
+        "ratio <= 0.15",
+    ));
+    rows.push(row(
+        "info! caller cost (thread CPU), ns/event",
+        format!("{:.0}", f.ours.caller_cpu_ns),
+        format!("{:.0}", f.peer.caller_cpu_ns),
+        f.ours.caller_cpu_ns / f.peer.caller_cpu_ns,
+        "",
+    ));
+    rows.push(row(
+        "end to end into zstd segments vs plain file, k records/s",
+        format!("{:.0}", f.ours_segments.end_to_end_per_s / 1e3),
+        format!("{:.0}", f.peer.end_to_end_per_s / 1e3),
+        f.ours_segments.end_to_end_per_s / f.peer.end_to_end_per_s,
+        ">= 4x",
+    ));
+    rows.push(row(
+        "records dropped in the log scenarios",
+        f.dropped.to_string(),
+        "0".into(),
+        f64::NAN,
+        "counted",
+    ));
+    rows.push(row(
+        "compression ratio, demo log mix",
+        format!("{:.1}x", f.compression),
+        "1x (plain)".into(),
+        f.compression,
+        ">= 8x",
+    ));
+    match f.rss {
+        Some((mib, dropped, written)) => rows.push(row(
+            format!("peak RSS above baseline, {burst} events into segments, MiB"),
+            format!("{mib:.1} ({written} written, {dropped} dropped)"),
+            "-".into(),
+            f64::NAN,
+            "<= 64 MiB",
+        )),
+        None => eprintln!("bench: the peak-RSS child did not report"),
+    }
     Ok(())
 }
 

@@ -34,19 +34,30 @@ impl BatchAwareSubscriber for Windows {
 }
 
 /// Modules of the replayed service logging at every level while the flood runs.
-fn start_logging_modules(stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<u64>> {
+/// With `dispatch`, the threads log through it; otherwise through the global subscriber.
+pub(crate) fn start_logging_modules(
+    stop: Arc<AtomicBool>,
+    dispatch: Option<tracing::Dispatch>,
+) -> Vec<std::thread::JoinHandle<u64>> {
     let module = |f: fn(u64)| {
         let stop = stop.clone();
+        let dispatch = dispatch.clone();
         std::thread::spawn(move || {
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                f(n);
-                n += 1;
-                if n % 64 == 0 {
-                    std::thread::sleep(Duration::from_millis(1));
+            let run = || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    f(n);
+                    n += 1;
+                    if n % 64 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
+                n
+            };
+            match dispatch {
+                Some(d) => tracing::dispatcher::with_default(&d, run),
+                None => run(),
             }
-            n
         })
     };
     vec![
@@ -115,7 +126,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         spillway.start_telemetry()?;
     }
     let stop_logs = Arc::new(AtomicBool::new(false));
-    let loggers = start_logging_modules(stop_logs.clone());
+    let loggers = start_logging_modules(stop_logs.clone(), None);
     let spec = FloodSpec {
         files: args.events * 3 / 4,
         rows: args.events - args.events * 3 / 4,
@@ -196,15 +207,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
 
 /// What the segment files hold, read back through the frame reader.
 #[derive(Default)]
-struct SegmentTotals {
-    files: usize,
-    records: u64,
-    raw_bytes: u64,
-    zst_bytes: u64,
-    damaged: u64,
+pub(crate) struct SegmentTotals {
+    pub files: usize,
+    pub records: u64,
+    pub raw_bytes: u64,
+    pub zst_bytes: u64,
+    pub damaged: u64,
 }
 
-fn segment_totals(dir: &std::path::Path) -> anyhow::Result<SegmentTotals> {
+pub(crate) fn segment_totals(dir: &std::path::Path) -> anyhow::Result<SegmentTotals> {
     let mut t = SegmentTotals::default();
     for path in list_segments(dir)? {
         t.files += 1;

@@ -39,7 +39,7 @@
 //! caller's thread, field names borrowed (`&'static str`), one allocation for
 //! the message and one for the field list, and span fields captured once per
 //! span (and once per `span.record`) rather than once per event: each event
-//! only clones the `Arc`s of its enclosing spans. [`bench_caller_cost`]
+//! only clones the `Arc`s of its enclosing spans. `spillway bench --only logs`
 //! measures it against tracing-subscriber's JSON fmt layer.
 //!
 //! Field values are formatted with no lock held, so a `Debug` impl that logs
@@ -55,7 +55,6 @@
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tracing_core::field::{Field, Visit};
@@ -66,7 +65,6 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
-use crate::layer::config::BatchConfig;
 use crate::layer::engine::Engine;
 use crate::layer::record::{now_ns, FieldValue, LogRecord, SpanRecord};
 
@@ -470,214 +468,6 @@ impl Visit for FieldVisitor<'_> {
             }
         }
     }
-}
-
-/// Rounds [`bench_caller_cost`] runs per contestant; the fastest counts, as
-/// the others were slowed by whatever else the machine was doing.
-pub const BENCH_ROUNDS: usize = 3;
-
-/// Caller cost of one `info!` through [`SpillwayLayer`] and through the peer
-/// (tracing-subscriber's JSON fmt layer writing through
-/// `tracing_appender::non_blocking`, lossy off, to a file), measured in the
-/// same run by [`bench_caller_cost`]. All figures are nanoseconds per event.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CallerCost {
-    /// Events timed per round.
-    pub events: u64,
-    /// Wall time the caller spent with SpillwayLayer (default config, no sinks).
-    pub spillway_ns: f64,
-    /// Wall time the caller spent with the peer.
-    pub peer_ns: f64,
-    /// CPU time of the calling thread with SpillwayLayer, where the OS reports
-    /// it (Linux): unlike wall time, not inflated when other work takes the CPU.
-    pub spillway_cpu_ns: Option<f64>,
-    /// CPU time of the calling thread with the peer.
-    pub peer_cpu_ns: Option<f64>,
-    /// Until SpillwayLayer's engine had closed every batch (a flush).
-    pub spillway_end_to_end_ns: f64,
-    /// Until the peer's writer had written every line.
-    pub peer_end_to_end_ns: f64,
-    /// Records the engine dropped for lack of memory, over all rounds.
-    pub spillway_dropped: u64,
-}
-
-impl CallerCost {
-    /// `spillway_ns / peer_ns`: the target is at most 0.15.
-    pub fn ratio(&self) -> f64 {
-        self.spillway_ns / self.peer_ns
-    }
-
-    /// The same ratio on the calling thread's CPU time, where known.
-    pub fn cpu_ratio(&self) -> Option<f64> {
-        Some(self.spillway_cpu_ns? / self.peer_cpu_ns?)
-    }
-}
-
-impl fmt::Display for CallerCost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let cpu = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.0}"));
-        writeln!(
-            f,
-            "{} events, best of {BENCH_ROUNDS} rounds, ns/event:",
-            self.events
-        )?;
-        writeln!(
-            f,
-            "  SpillwayLayer            caller {:.0} (cpu {}), end to end {:.0}, dropped {}",
-            self.spillway_ns,
-            cpu(self.spillway_cpu_ns),
-            self.spillway_end_to_end_ns,
-            self.spillway_dropped
-        )?;
-        writeln!(
-            f,
-            "  JSON fmt + non_blocking  caller {:.0} (cpu {}), end to end {:.0}",
-            self.peer_ns,
-            cpu(self.peer_cpu_ns),
-            self.peer_end_to_end_ns
-        )?;
-        write!(
-            f,
-            "  ratio {:.3} (cpu {})",
-            self.ratio(),
-            self.cpu_ratio()
-                .map_or("n/a".to_string(), |r| format!("{r:.3}"))
-        )
-    }
-}
-
-/// One timed round: caller wall and CPU time, and time to end to end.
-struct Round {
-    caller_ns: u64,
-    caller_cpu_ns: Option<u64>,
-    end_to_end_ns: u64,
-}
-
-/// Times `events` calls of
-/// `info!(target: "data::users", user_id, table, op, "row written {}", n)` on
-/// this thread through (a) a registry with [`SpillwayLayer`] on an engine with
-/// the default configuration and no sinks, and (b) a registry with the JSON
-/// fmt layer writing through `tracing_appender::non_blocking` (lossy off) to a
-/// file in the system's temporary directory, removed afterwards. The two
-/// alternate for [`BENCH_ROUNDS`] rounds, each after a warm-up of a tenth of
-/// `events` (at most 100 000); each contestant's fastest round counts.
-/// Absolute figures depend on the machine; compare the ratio.
-pub fn bench_caller_cost(events: u64) -> Result<CallerCost> {
-    let events = events.max(1);
-    let warmup = (events / 10).min(100_000);
-    let mut best: [Option<Round>; 2] = [None, None];
-    let mut dropped = 0;
-    for _ in 0..BENCH_ROUNDS {
-        let (round, d) = bench_spillway(events, warmup)?;
-        dropped += d;
-        keep_best(&mut best[0], round);
-        keep_best(&mut best[1], bench_peer(events, warmup)?);
-    }
-    let [Some(ours), Some(peer)] = best else {
-        return Err(Error::Other("benchmark ran no rounds".into()));
-    };
-    let per = |ns: u64| ns as f64 / events as f64;
-    Ok(CallerCost {
-        events,
-        spillway_ns: per(ours.caller_ns),
-        peer_ns: per(peer.caller_ns),
-        spillway_cpu_ns: ours.caller_cpu_ns.map(per),
-        peer_cpu_ns: peer.caller_cpu_ns.map(per),
-        spillway_end_to_end_ns: per(ours.end_to_end_ns),
-        peer_end_to_end_ns: per(peer.end_to_end_ns),
-        spillway_dropped: dropped,
-    })
-}
-
-fn keep_best(best: &mut Option<Round>, round: Round) {
-    if best.as_ref().is_none_or(|b| round.caller_ns < b.caller_ns) {
-        *best = Some(round);
-    }
-}
-
-fn bench_spillway(events: u64, warmup: u64) -> Result<(Round, u64)> {
-    let (engine, guard) = Engine::builder(BatchConfig::default()).build()?;
-    let subscriber = tracing_subscriber::layer::SubscriberExt::with(
-        tracing_subscriber::registry(),
-        SpillwayLayer::new(&engine),
-    );
-    let round = tracing::subscriber::with_default(subscriber, || {
-        emit(warmup);
-        engine.flush()?;
-        let (start, cpu) = (Instant::now(), thread_cpu_ns());
-        emit(events);
-        let caller_ns = start.elapsed().as_nanos() as u64;
-        let caller_cpu_ns = cpu.zip(thread_cpu_ns()).map(|(a, b)| b.saturating_sub(a));
-        engine.flush()?;
-        Ok::<_, Error>(Round {
-            caller_ns,
-            caller_cpu_ns,
-            end_to_end_ns: start.elapsed().as_nanos() as u64,
-        })
-    })?;
-    let dropped = engine.stats().total.dropped;
-    drop(guard);
-    Ok((round, dropped))
-}
-
-fn bench_peer(events: u64, warmup: u64) -> Result<Round> {
-    let path = std::env::temp_dir().join(format!(
-        "spillway-bench-{}-{}.jsonl",
-        std::process::id(),
-        now_ns()
-    ));
-    let file = create_private(&path)?;
-    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(file);
-    let subscriber = tracing_subscriber::layer::SubscriberExt::with(
-        tracing_subscriber::registry(),
-        tracing_subscriber::fmt::layer().json().with_writer(writer),
-    );
-    let round = tracing::subscriber::with_default(subscriber, || {
-        emit(warmup);
-        let (start, cpu) = (Instant::now(), thread_cpu_ns());
-        emit(events);
-        let caller_ns = start.elapsed().as_nanos() as u64;
-        let caller_cpu_ns = cpu.zip(thread_cpu_ns()).map(|(a, b)| b.saturating_sub(a));
-        // Dropping the worker guard waits until every line is written.
-        drop(worker);
-        Round {
-            caller_ns,
-            caller_cpu_ns,
-            end_to_end_ns: start.elapsed().as_nanos() as u64,
-        }
-    });
-    std::fs::remove_file(&path).map_err(|e| Error::io("remove benchmark file", &path, e))?;
-    Ok(round)
-}
-
-/// The benchmark's event, `n` times.
-fn emit(n: u64) {
-    let table = "users";
-    let op = "insert";
-    for i in 0..n {
-        let user_id = i;
-        tracing::info!(target: "data::users", user_id, table, op, "row written {}", i);
-    }
-}
-
-/// CPU time of the calling thread in nanoseconds (Linux: the first field of
-/// `/proc/thread-self/schedstat`); `None` where the OS does not say.
-fn thread_cpu_ns() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    text.split_whitespace().next()?.parse().ok()
-}
-
-/// Creates (truncates) `path` readable and writable by its owner only.
-fn create_private(path: &std::path::Path) -> Result<std::fs::File> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(path)
-        .map_err(|e| Error::io("create benchmark file", path, e))
 }
 
 #[cfg(test)]

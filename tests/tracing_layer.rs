@@ -622,12 +622,3 @@ fn events_after_shutdown_are_ignored() {
     });
     assert_eq!(engine.stats().total.accepted, 0);
 }
-
-/// Caller cost against the JSON fmt layer + non_blocking peer. Run with
-/// `cargo test --release --test integration -- --ignored --nocapture caller_cost`.
-#[test]
-#[ignore = "benchmark: run in release mode"]
-fn caller_cost_against_json_fmt_peer() {
-    let cost = spillway::layer::tracing_layer::bench_caller_cost(2_000_000).unwrap();
-    println!("{cost}");
-}
