@@ -18,6 +18,7 @@
 
 mod error;
 pub mod layer;
+pub mod sinks;
 
 pub use error::{Error, Result};
 pub use layer::bus::{
@@ -30,3 +31,5 @@ pub use layer::record::{
     now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, RecordKind, Records, SpanRecord,
 };
 pub use layer::summary::{StatsReducer, Summarizer};
+pub use sinks::segment::reader::{Damage, Frame, FrameReader, ReadItem, SegmentReader};
+pub use sinks::segment::{list_segments, Durability, SegmentConfig, SegmentSink, Stream};
