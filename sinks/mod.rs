@@ -6,3 +6,4 @@
 //! a live directory like `tail -f`).
 
 pub mod segment;
+pub mod index;

@@ -89,8 +89,6 @@ pub struct Index {
     data_dir: PathBuf,
     db_path: PathBuf,
     config: IndexConfig,
-    /// Damaged regions already reported, so a damaged tail is counted once.
-    reported: HashSet<(String, u64)>,
 }
 
 impl std::fmt::Debug for Index {
@@ -123,13 +121,17 @@ impl Index {
             data_dir: data_dir.to_path_buf(),
             db_path: db_path.to_path_buf(),
             config: config.clone(),
-            reported: HashSet::new(),
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.db_path
+    }
+
+    /// The connection, for benchmarks and tests in this crate.
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// One synchronous pass: indexes everything the segment files hold now,
@@ -269,12 +271,13 @@ impl Index {
                         st.cur = None;
                     }
                     Some(Err(damage)) => {
-                        let key = (cur.pending.rel.clone(), damage.offset);
-                        if self.reported.insert(key) {
-                            cur.delta.damaged += 1;
-                            progress.damaged_frames += 1;
-                            progress.problem(damage.to_string());
-                        }
+                        // The reader has resynchronised past the damage: the
+                        // checkpoint moves with it, so it is counted once.
+                        cur.pending.checkpoint = cur.reader.offset();
+                        cur.delta.dirty = true;
+                        cur.delta.damaged += 1;
+                        progress.damaged_frames += 1;
+                        progress.problem(damage.to_string());
                     }
                     Some(Ok(frame)) => {
                         let seg_id = cur.pending.seg_id.unwrap_or_default();

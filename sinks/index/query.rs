@@ -11,7 +11,8 @@
 //!   surround them. Records that are not logs have no level and never match.
 //! - `prefix`: a [`Pattern`] (`*` one segment, trailing `*` the rest) matched
 //!   against the record's prefix or its name (event name or log target). A
-//!   pattern without `*` is an exact comparison in SQL. With `*`, SQL applies
+//!   pattern without `*` (or a text that is not a pattern because of Rust's
+//!   `::`, like `log:myapp::db`) is an exact comparison in SQL. With `*`, SQL applies
 //!   a coarse `GLOB` (where `*` may span `:`) and the exact match is done in
 //!   Rust with [`Pattern::matches`], fetching further pages until `limit`
 //!   records match.
@@ -25,13 +26,13 @@
 //!
 //! ```
 //! use spillway::sinks::index::{Index, Query};
-//! use spillway::{Level, Pattern};
+//! use spillway::Level;
 //!
 //! let dir = tempfile::tempdir().unwrap();
 //! let index = Index::open(dir.path())?;
 //! let q = Query {
 //!     min_level: Some(Level::WARN),
-//!     prefix: Some(Pattern::parse("log:myapp::*")?),
+//!     prefix: Some("log:myapp:*".into()),
 //!     fields: vec![("user_id".into(), "42".into())],
 //!     ..Query::default()
 //! };
@@ -79,8 +80,12 @@ pub struct Query {
     pub until: Option<i64>,
     /// Only logs at this level or more severe.
     pub min_level: Option<Level>,
-    /// Only records whose prefix or name matches.
-    pub prefix: Option<Pattern>,
+    /// Only records whose prefix or name matches this [`Pattern`] (`*` one
+    /// segment, trailing `*` the rest: `data:*`, `sentinel:*:status`,
+    /// `log:myapp:*`). Text that is not a valid pattern but has no `*`, like
+    /// a log prefix `log:myapp::db` or a target `myapp::db` (Rust's `::`
+    /// makes an empty segment), is compared exactly.
+    pub prefix: Option<String>,
     /// Only records whose message, name, fields or payload contain this text.
     pub text: Option<String>,
     /// Only records with these `key = value` fields (or payload keys).
@@ -399,9 +404,16 @@ pub(crate) fn run_query(conn: &Connection, db_path: &Path, q: &Query) -> Result<
         f.and("r.ts_ns < ?", [SqlValue::Integer(until)]);
     }
     let mut post_filter = None;
-    if let Some(p) = &q.prefix {
-        let text = p.as_str();
-        if text.split(':').any(|seg| seg == "*") {
+    let pattern = match q.prefix.as_deref() {
+        None => None,
+        Some(text) => match Pattern::parse(text) {
+            Ok(p) => Some(p),
+            Err(_) if !text.is_empty() && !text.contains('*') => None,
+            Err(e) => return Err(e),
+        },
+    };
+    if let Some(text) = q.prefix.as_deref() {
+        if let Some(p) = pattern.as_ref().filter(|_| text.split(':').any(|seg| seg == "*")) {
             let glob = text
                 .split(':')
                 .map(|seg| if seg == "*" { "*".to_string() } else { glob_escape(seg) })
