@@ -11,21 +11,24 @@
 //! A pass reads the streams (logs, events, telemetry) side by side, always
 //! taking the next frame from the stream that is furthest behind in time, so
 //! rows arrive in (nearly) timestamp order even when catching up a backlog
-//! and index inserts stay appends. It holds one frame per stream in memory
-//! and commits every [`IndexConfig::rows_per_transaction`] rows, so memory
-//! does not grow with the backlog.
+//! and index inserts stay appends. Reading (decompressing, splitting lines
+//! into columns) runs on a second thread while this one inserts, with at
+//! most a few frames in flight between them, and a transaction commits
+//! every [`IndexConfig::rows_per_transaction`] rows: memory does not grow
+//! with the backlog, which waits on disk.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::sinks::index::config::IndexConfig;
-use crate::sinks::index::line::{parse_line, Line};
+use crate::sinks::index::line::{Line, OwnedLine};
 use crate::sinks::index::query::{self, IndexStats, Query, QueryRecord};
 use crate::sinks::index::schema::{self, sql_err, INDEX_FILE};
 use crate::sinks::segment::list_segments;
@@ -180,8 +183,8 @@ impl Index {
             }
         }
 
-        // Work queues, one per stream, in file-name order.
-        let mut streams: Vec<StreamQueue> = Vec::new();
+        // The files with bytes beyond their checkpoint, in listing order.
+        let mut segs = Vec::new();
         for path in files {
             let size = match fs::metadata(&path) {
                 Ok(m) => m.len(),
@@ -198,128 +201,44 @@ impl Index {
                 seg = Some(KnownSegment { checkpoint: 0, ..s });
             }
             let checkpoint = seg.map_or(0, |s| s.checkpoint);
-            if size <= checkpoint {
-                continue;
+            if size > checkpoint {
+                segs.push(Pending {
+                    rel,
+                    path,
+                    seg_id: seg.map(|s| s.id),
+                    checkpoint,
+                    size,
+                    delta: SegDelta::default(),
+                });
             }
-            let stream = stream_of(&path);
-            let pending = Pending {
-                rel,
-                path,
-                seg_id: seg.map(|s| s.id),
-                checkpoint,
-                size,
-            };
-            match streams.iter_mut().find(|s| s.name == stream) {
-                Some(s) => s.queue.push_back(pending),
-                None => streams.push(StreamQueue {
-                    name: stream,
-                    queue: VecDeque::from([pending]),
-                    cur: None,
-                    last_ts: i64::MIN,
-                }),
-            }
+        }
+        if segs.is_empty() {
+            return Ok(progress);
         }
 
+        // Reading (decompression, line parsing) runs on its own thread while
+        // this one inserts; the bounded channel keeps memory flat.
+        let work: Vec<(PathBuf, u64)> = segs.iter().map(|s| (s.path.clone(), s.checkpoint)).collect();
+        let (frames_tx, frames_rx) = mpsc::sync_channel(CHANNEL_FRAMES);
         let limit = self.config.rows_per_transaction;
-        while streams.iter().any(StreamQueue::has_work) {
-            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
-                break;
-            }
-            let db_path = self.db_path.clone();
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql_err("cannot begin a transaction on", &db_path))?;
-            let mut batch = BatchWriter::default();
-            let mut rows = 0;
-            while rows < limit {
-                let Some(si) = pick_stream(&streams) else {
-                    break;
-                };
-                let st = &mut streams[si];
-                if st.cur.is_none() {
-                    let Some(mut p) = st.queue.pop_front() else {
-                        continue;
-                    };
-                    let reader = match FrameReader::open(&p.path, p.checkpoint) {
-                        Ok(r) => r,
-                        // Deleted under us: the next pass removes its rows.
-                        Err(Error::Io { source, .. })
-                            if source.kind() == std::io::ErrorKind::NotFound =>
-                        {
-                            continue
-                        }
-                        Err(e) => return Err(e),
-                    };
-                    if p.seg_id.is_none() {
-                        p.seg_id = Some(ensure_segment(&tx, &db_path, &p)?);
-                    }
-                    st.cur = Some(Cursor {
-                        pending: p,
-                        reader,
-                        delta: SegDelta::default(),
-                    });
-                }
-                let Some(cur) = st.cur.as_mut() else {
-                    continue;
-                };
-                match cur.reader.next_frame() {
-                    None => {
-                        // Nothing complete beyond here (yet): done with this file.
-                        batch.flush(&tx, &db_path)?;
-                        write_delta(&tx, &db_path, cur)?;
-                        st.cur = None;
-                    }
-                    Some(Err(damage)) => {
-                        // The reader has resynchronised past the damage: the
-                        // checkpoint moves with it, so it is counted once.
-                        cur.pending.checkpoint = cur.reader.offset();
-                        cur.delta.dirty = true;
-                        cur.delta.damaged += 1;
-                        progress.damaged_frames += 1;
-                        progress.problem(damage.to_string());
-                    }
-                    Some(Ok(frame)) => {
-                        let seg_id = cur.pending.seg_id.unwrap_or_default();
-                        for text in &frame.lines {
-                            cur.delta.raw_bytes += text.len() as u64 + 1;
-                            let line = match parse_line(text) {
-                                Ok(l) => l,
-                                Err(reason) => {
-                                    progress.bad_lines += 1;
-                                    progress.problem(format!(
-                                        "{} frame at byte {}: line not indexed: {reason}",
-                                        frame.path.display(),
-                                        frame.offset
-                                    ));
-                                    continue;
-                                }
-                            };
-                            let batch_id = batch.batch_id(&tx, &db_path, seg_id, &line)?;
-                            let id = insert_record(&tx, &db_path, &line, batch_id, seg_id, frame.offset)?;
-                            cur.delta.record(line.ts_ns, id);
-                            st.last_ts = st.last_ts.max(line.ts_ns);
-                            rows += 1;
-                            progress.records += 1;
-                        }
-                        cur.pending.checkpoint = frame.end;
-                        cur.delta.dirty = true;
-                        progress.frames += 1;
-                        progress.bytes += frame.end.saturating_sub(frame.offset);
-                    }
-                }
-            }
-            batch.flush(&tx, &db_path)?;
-            for st in &mut streams {
-                if let Some(cur) = st.cur.as_mut() {
-                    write_delta(&tx, &db_path, cur)?;
-                }
-            }
-            tx.commit()
-                .map_err(sql_err("cannot commit to", &db_path))?;
-            progress.transactions += 1;
-            on_commit(&progress);
-        }
+        let conn = &mut self.conn;
+        let db_path = self.db_path.as_path();
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("spillway-index-read".into())
+                .spawn_scoped(scope, move || read_segments(work, frames_tx))
+                .map_err(|e| Error::Other(format!("cannot start the index reader thread: {e}")))?;
+            consume(
+                conn,
+                db_path,
+                &mut segs,
+                frames_rx,
+                limit,
+                stop,
+                &mut progress,
+                on_commit,
+            )
+        })?;
         Ok(progress)
     }
 
@@ -523,9 +442,9 @@ fn delete_segment(tx: &Transaction<'_>, path: &Path, id: i64, forget: bool) -> R
     Ok(())
 }
 
-fn ensure_segment(tx: &Transaction<'_>, path: &Path, p: &Pending) -> Result<i64> {
+fn ensure_segment(conn: &Connection, path: &Path, p: &Pending) -> Result<i64> {
     let stream = stream_of(&p.path);
-    tx.query_row(
+    conn.query_row(
         "INSERT INTO segments (path, stream) VALUES (?1, ?2) \
          ON CONFLICT (path) DO UPDATE SET stream = excluded.stream RETURNING id",
         params![p.rel, stream],
@@ -542,18 +461,175 @@ fn stream_of(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+
+/// Frames in flight between the reading thread and the inserting one.
+const CHANNEL_FRAMES: usize = 16;
+
+/// A segment file with bytes beyond its checkpoint, and the changes to its
+/// `segments` row not yet written.
 struct Pending {
     rel: String,
     path: PathBuf,
     seg_id: Option<i64>,
     checkpoint: u64,
     size: u64,
+    delta: SegDelta,
 }
 
-struct Cursor {
-    pending: Pending,
-    reader: FrameReader,
-    delta: SegDelta,
+/// What the reading thread sends, in reading order. `seg` indexes the list
+/// of pending segments.
+enum Msg {
+    /// A frame and its parsed lines.
+    Frame {
+        seg: usize,
+        offset: u64,
+        end: u64,
+        raw_bytes: u64,
+        lines: Vec<std::result::Result<OwnedLine, String>>,
+    },
+    /// A damaged part, reported by the reader, which resumes at `resume_at`.
+    Damage {
+        seg: usize,
+        resume_at: u64,
+        text: String,
+    },
+    /// No complete frame beyond here (yet).
+    Done { seg: usize },
+    /// The file could not be read at all.
+    Failed(Error),
+}
+
+/// The reading thread: frames of every pending segment, always from the
+/// stream furthest behind in time, so rows arrive in timestamp order.
+fn read_segments(work: Vec<(PathBuf, u64)>, out: mpsc::SyncSender<Msg>) {
+    struct StreamQueue {
+        name: String,
+        queue: VecDeque<(usize, PathBuf, u64)>,
+        cur: Option<(usize, FrameReader)>,
+        last_ts: i64,
+    }
+    let mut streams: Vec<StreamQueue> = Vec::new();
+    for (seg, (path, checkpoint)) in work.into_iter().enumerate() {
+        let name = stream_of(&path);
+        let item = (seg, path, checkpoint);
+        match streams.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.queue.push_back(item),
+            None => streams.push(StreamQueue {
+                name,
+                queue: VecDeque::from([item]),
+                cur: None,
+                last_ts: i64::MIN,
+            }),
+        }
+    }
+    loop {
+        let Some(st) = streams
+            .iter_mut()
+            .filter(|s| s.cur.is_some() || !s.queue.is_empty())
+            .min_by_key(|s| s.last_ts)
+        else {
+            return;
+        };
+        let (seg, reader) = match &mut st.cur {
+            Some((seg, reader)) => (*seg, reader),
+            None => {
+                let Some((seg, path, checkpoint)) = st.queue.pop_front() else {
+                    continue;
+                };
+                match FrameReader::open(&path, checkpoint) {
+                    Ok(r) => {
+                        let (seg, reader) = st.cur.insert((seg, r));
+                        (*seg, reader)
+                    }
+                    // Deleted under us: the next pass removes its rows.
+                    Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                        if out.send(Msg::Done { seg }).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        let _ = out.send(Msg::Failed(e));
+                        return;
+                    }
+                }
+            }
+        };
+        let msg = match reader.next_frame() {
+            None => {
+                st.cur = None;
+                Msg::Done { seg }
+            }
+            Some(Err(damage)) => Msg::Damage {
+                seg,
+                resume_at: reader.offset(),
+                text: damage.to_string(),
+            },
+            Some(Ok(frame)) => {
+                let raw_bytes = frame.lines.iter().map(|l| l.len() as u64 + 1).sum();
+                let lines: Vec<_> = frame.lines.into_iter().map(OwnedLine::parse).collect();
+                if let Some(ts) = lines.iter().flatten().map(|l| l.line().ts_ns).max() {
+                    st.last_ts = st.last_ts.max(ts);
+                }
+                Msg::Frame {
+                    seg,
+                    offset: frame.offset,
+                    end: frame.end,
+                    raw_bytes,
+                    lines,
+                }
+            }
+        };
+        if out.send(msg).is_err() {
+            return; // the inserting side stopped
+        }
+    }
+}
+
+/// The inserting side of a pass: applies messages in transactions of about
+/// `limit` rows, each committing the rows with the checkpoints covering them.
+#[allow(clippy::too_many_arguments)]
+fn consume(
+    conn: &mut Connection,
+    db: &Path,
+    segs: &mut [Pending],
+    rx: mpsc::Receiver<Msg>,
+    limit: usize,
+    stop: Option<&AtomicBool>,
+    progress: &mut IndexProgress,
+    on_commit: &mut dyn FnMut(&IndexProgress),
+) -> Result<()> {
+    let mut next = rx.recv().ok();
+    while let Some(first) = next.take() {
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Ok(());
+        }
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql_err("cannot begin a transaction on", db))?;
+        let mut ended = false;
+        {
+            let mut w = TxWriter::new(&tx, db)?;
+            let mut rows = 0;
+            let mut msg = Some(first);
+            while let Some(m) = msg.take() {
+                rows += w.apply(m, segs, progress)?;
+                if rows >= limit {
+                    break;
+                }
+                msg = rx.recv().ok();
+                ended = msg.is_none();
+            }
+            w.finish(segs)?;
+        }
+        tx.commit().map_err(sql_err("cannot commit to", db))?;
+        progress.transactions += 1;
+        on_commit(progress);
+        if !ended {
+            next = rx.recv().ok();
+        }
+    }
+    Ok(())
 }
 
 /// Changes to one `segments` row not yet written.
@@ -579,104 +655,31 @@ impl SegDelta {
     }
 }
 
-struct StreamQueue {
-    name: String,
-    queue: VecDeque<Pending>,
-    cur: Option<Cursor>,
-    /// Newest timestamp indexed from this stream in this pass.
-    last_ts: i64,
-}
+const INSERT_RECORD: &str = "INSERT INTO records (ts_ns, kind, level, prefix, name, message, module, \
+     file, line, fields, spans, payload, batch_id, segment_id, frame_offset) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
+const UPSERT_BATCH: &str = "INSERT INTO batches (segment_id, batch, prefix, kind, first_ts_ns, last_ts_ns) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?5) \
+     ON CONFLICT (segment_id, batch, prefix) DO UPDATE SET kind = kind RETURNING id";
+const UPDATE_BATCH: &str = "UPDATE batches SET records = records + ?1, dropped = dropped + ?2, \
+     first_ts_ns = min(first_ts_ns, ?3), last_ts_ns = max(last_ts_ns, ?4), \
+     kind = coalesce(?5, kind) WHERE id = ?6";
+const UPDATE_SEGMENT: &str = "UPDATE segments SET checkpoint = ?1, bytes = max(bytes, ?2), \
+     raw_bytes = raw_bytes + ?3, records = records + ?4, damaged = damaged + ?5, \
+     first_ts_ns = min(coalesce(first_ts_ns, ?6), coalesce(?6, first_ts_ns)), \
+     last_ts_ns = max(coalesce(last_ts_ns, ?7), coalesce(?7, last_ts_ns)), \
+     min_record_id = coalesce(min_record_id, ?8), max_record_id = coalesce(?9, max_record_id) \
+     WHERE id = ?10";
 
-impl StreamQueue {
-    fn has_work(&self) -> bool {
-        self.cur.is_some() || !self.queue.is_empty()
-    }
-}
-
-/// The stream furthest behind in time, so rows arrive in timestamp order.
-fn pick_stream(streams: &[StreamQueue]) -> Option<usize> {
-    streams
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.has_work())
-        .min_by_key(|(_, s)| s.last_ts)
-        .map(|(i, _)| i)
-}
-
-/// Writes a cursor's checkpoint and counters into its `segments` row.
-fn write_delta(tx: &Transaction<'_>, path: &Path, cur: &mut Cursor) -> Result<()> {
-    let d = std::mem::take(&mut cur.delta);
-    if !d.dirty && d.damaged == 0 {
-        return Ok(());
-    }
-    let p = &cur.pending;
-    let mut stmt = tx
-        .prepare_cached(
-            "UPDATE segments SET checkpoint = ?1, bytes = max(bytes, ?2), \
-             raw_bytes = raw_bytes + ?3, records = records + ?4, damaged = damaged + ?5, \
-             first_ts_ns = min(coalesce(first_ts_ns, ?6), coalesce(?6, first_ts_ns)), \
-             last_ts_ns = max(coalesce(last_ts_ns, ?7), coalesce(?7, last_ts_ns)), \
-             min_record_id = coalesce(min_record_id, ?8), \
-             max_record_id = coalesce(?9, max_record_id) \
-             WHERE id = ?10",
-        )
-        .map_err(sql_err("cannot update segments in", path))?;
-    stmt.execute(params![
-        p.checkpoint as i64,
-        p.size.max(p.checkpoint) as i64,
-        d.raw_bytes as i64,
-        d.records as i64,
-        d.damaged as i64,
-        d.first_ts,
-        d.last_ts,
-        d.min_id,
-        d.max_id,
-        p.seg_id,
-    ])
-    .map_err(sql_err("cannot update segments in", path))?;
-    Ok(())
-}
-
-fn insert_record(
-    tx: &Transaction<'_>,
-    path: &Path,
-    l: &Line<'_>,
-    batch_id: i64,
-    seg_id: i64,
-    frame_offset: u64,
-) -> Result<i64> {
-    let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO records (ts_ns, kind, level, prefix, name, message, module, file, line, \
-             fields, spans, payload, batch_id, segment_id, frame_offset) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        )
-        .map_err(sql_err("cannot insert into", path))?;
-    stmt.execute(params![
-        l.ts_ns,
-        &*l.kind,
-        l.level,
-        &*l.prefix,
-        &*l.name,
-        l.message.as_deref(),
-        l.module.as_deref(),
-        l.file.as_deref(),
-        l.line,
-        l.fields,
-        l.spans,
-        l.payload,
-        batch_id,
-        seg_id,
-        frame_offset as i64,
-    ])
-    .map_err(sql_err("cannot insert into", path))?;
-    Ok(tx.last_insert_rowid())
-}
-
-/// Keeps the `batches` row of the batch being indexed; a batch's lines are
-/// consecutive, so one row is open at a time.
-#[derive(Default)]
-struct BatchWriter {
+/// The statements of one transaction, prepared once for all its rows.
+struct TxWriter<'c> {
+    conn: &'c Connection,
+    db: &'c Path,
+    insert: CachedStatement<'c>,
+    upsert_batch: CachedStatement<'c>,
+    update_batch: CachedStatement<'c>,
+    update_segment: CachedStatement<'c>,
+    /// The batch being indexed: a batch's lines are consecutive.
     open: Option<OpenBatch>,
 }
 
@@ -692,28 +695,136 @@ struct OpenBatch {
     last_ts: i64,
 }
 
-impl BatchWriter {
+impl<'c> TxWriter<'c> {
+    fn new(conn: &'c Connection, db: &'c Path) -> Result<TxWriter<'c>> {
+        let prep = |sql| conn.prepare_cached(sql).map_err(sql_err("cannot prepare a statement on", db));
+        Ok(TxWriter {
+            conn,
+            db,
+            insert: prep(INSERT_RECORD)?,
+            upsert_batch: prep(UPSERT_BATCH)?,
+            update_batch: prep(UPDATE_BATCH)?,
+            update_segment: prep(UPDATE_SEGMENT)?,
+            open: None,
+        })
+    }
+
+    /// Applies one message; returns the rows inserted.
+    fn apply(&mut self, msg: Msg, segs: &mut [Pending], progress: &mut IndexProgress) -> Result<usize> {
+        match msg {
+            Msg::Failed(e) => Err(e),
+            Msg::Done { seg } => {
+                self.write_segment(&mut segs[seg])?;
+                Ok(0)
+            }
+            Msg::Damage { seg, resume_at, text } => {
+                // The reader resynchronised past the damage: the checkpoint
+                // moves with it, so the damage is counted once.
+                let p = &mut segs[seg];
+                self.segment_id(p)?;
+                p.checkpoint = resume_at;
+                p.delta.dirty = true;
+                p.delta.damaged += 1;
+                progress.damaged_frames += 1;
+                progress.problem(text);
+                Ok(0)
+            }
+            Msg::Frame {
+                seg,
+                offset,
+                end,
+                raw_bytes,
+                lines,
+            } => {
+                let p = &mut segs[seg];
+                let seg_id = self.segment_id(p)?;
+                let mut rows = 0;
+                for line in &lines {
+                    let line = match line {
+                        Ok(l) => l.line(),
+                        Err(reason) => {
+                            progress.bad_lines += 1;
+                            progress.problem(format!(
+                                "{} frame at byte {offset}: line not indexed: {reason}",
+                                p.path.display()
+                            ));
+                            continue;
+                        }
+                    };
+                    let batch_id = self.batch_id(seg_id, &line)?;
+                    let id = self.insert(&line, batch_id, seg_id, offset)?;
+                    p.delta.record(line.ts_ns, id);
+                    rows += 1;
+                }
+                p.checkpoint = end;
+                p.delta.raw_bytes += raw_bytes;
+                p.delta.dirty = true;
+                progress.records += rows as u64;
+                progress.frames += 1;
+                progress.bytes += end.saturating_sub(offset);
+                Ok(rows)
+            }
+        }
+    }
+
+    /// Writes what is pending: the open batch and every segment's changes.
+    fn finish(&mut self, segs: &mut [Pending]) -> Result<()> {
+        self.flush_batch()?;
+        for p in segs {
+            self.write_segment(p)?;
+        }
+        Ok(())
+    }
+
+    fn segment_id(&mut self, p: &mut Pending) -> Result<i64> {
+        match p.seg_id {
+            Some(id) => Ok(id),
+            None => {
+                let id = ensure_segment(self.conn, self.db, p)?;
+                p.seg_id = Some(id);
+                Ok(id)
+            }
+        }
+    }
+
+    fn insert(&mut self, l: &Line<'_>, batch_id: i64, seg_id: i64, frame_offset: u64) -> Result<i64> {
+        self.insert
+            .execute(params![
+                l.ts_ns,
+                &*l.kind,
+                l.level,
+                &*l.prefix,
+                &*l.name,
+                l.message.as_deref(),
+                l.module.as_deref(),
+                l.file.as_deref(),
+                l.line,
+                l.fields,
+                l.spans,
+                l.payload,
+                batch_id,
+                seg_id,
+                frame_offset as i64,
+            ])
+            .map_err(sql_err("cannot insert into", self.db))?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
     /// The `batches.id` for `line`, counting it in its batch.
-    fn batch_id(&mut self, tx: &Transaction<'_>, path: &Path, seg_id: i64, l: &Line<'_>) -> Result<i64> {
+    fn batch_id(&mut self, seg_id: i64, l: &Line<'_>) -> Result<i64> {
         let same = self
             .open
             .as_ref()
             .is_some_and(|b| b.seg_id == seg_id && b.batch == l.batch && b.prefix == *l.prefix);
         if !same {
-            self.flush(tx, path)?;
-            let id = tx
-                .prepare_cached(
-                    "INSERT INTO batches (segment_id, batch, prefix, kind, first_ts_ns, last_ts_ns) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?5) \
-                     ON CONFLICT (segment_id, batch, prefix) DO UPDATE SET kind = kind RETURNING id",
+            self.flush_batch()?;
+            let id = self
+                .upsert_batch
+                .query_row(
+                    params![seg_id, l.batch as i64, &*l.prefix, &*l.kind, l.ts_ns],
+                    |r| r.get(0),
                 )
-                .and_then(|mut s| {
-                    s.query_row(
-                        params![seg_id, l.batch as i64, &*l.prefix, &*l.kind, l.ts_ns],
-                        |r| r.get(0),
-                    )
-                })
-                .map_err(sql_err("cannot insert into", path))?;
+                .map_err(sql_err("cannot insert into", self.db))?;
             self.open = Some(OpenBatch {
                 seg_id,
                 batch: l.batch,
@@ -742,17 +853,12 @@ impl BatchWriter {
         Ok(b.id)
     }
 
-    fn flush(&mut self, tx: &Transaction<'_>, path: &Path) -> Result<()> {
+    fn flush_batch(&mut self) -> Result<()> {
         let Some(b) = self.open.take() else {
             return Ok(());
         };
-        tx.prepare_cached(
-            "UPDATE batches SET records = records + ?1, dropped = dropped + ?2, \
-             first_ts_ns = min(first_ts_ns, ?3), last_ts_ns = max(last_ts_ns, ?4), \
-             kind = coalesce(?5, kind) WHERE id = ?6",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
+        self.update_batch
+            .execute(params![
                 b.records as i64,
                 b.dropped as i64,
                 b.first_ts,
@@ -760,8 +866,30 @@ impl BatchWriter {
                 b.kind,
                 b.id
             ])
-        })
-        .map_err(sql_err("cannot update batches in", path))?;
+            .map_err(sql_err("cannot update batches in", self.db))?;
+        Ok(())
+    }
+
+    /// Writes a segment's checkpoint and counters into its row.
+    fn write_segment(&mut self, p: &mut Pending) -> Result<()> {
+        if !p.delta.dirty {
+            return Ok(());
+        }
+        let d = std::mem::take(&mut p.delta);
+        self.update_segment
+            .execute(params![
+                p.checkpoint as i64,
+                p.size.max(p.checkpoint) as i64,
+                d.raw_bytes as i64,
+                d.records as i64,
+                d.damaged as i64,
+                d.first_ts,
+                d.last_ts,
+                d.min_id,
+                d.max_id,
+                p.seg_id,
+            ])
+            .map_err(sql_err("cannot update segments in", self.db))?;
         Ok(())
     }
 }

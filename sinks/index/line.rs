@@ -1,15 +1,16 @@
 //! Splits one segment line (a JSON object) into the columns of `records`.
 //!
 //! The JSON values that are stored as JSON text (`fields`, `spans`,
-//! `payload`) are taken as the exact slices of the line after a validating
-//! parse that builds nothing, instead of being parsed into a `Value` and
-//! serialised again: that round trip would cost more than the SQLite insert
-//! and keep the indexer well below raw insert speed. Scalars go through
-//! `serde_json`, so escapes are decoded exactly as the writer encoded them.
+//! `payload`) are taken as the exact slices of the line, instead of being
+//! parsed into a `Value` and serialised again: that round trip would cost
+//! more than the SQLite insert. The scanner checks structure only; lines
+//! come from [`FrameReader`](crate::sinks::segment::reader::FrameReader),
+//! which has already checked that each is a valid JSON object, so the slices
+//! are valid JSON. Scalars go through `serde_json`, so escapes are decoded
+//! exactly as the writer encoded them.
 
 use std::borrow::Cow;
-
-use serde::de::IgnoredAny;
+use std::ops::Range;
 
 /// The columns of one record, borrowed from its line where possible.
 #[derive(Debug, PartialEq)]
@@ -29,6 +30,102 @@ pub(crate) struct Line<'a> {
     pub fields: Option<&'a str>,
     pub spans: Option<&'a str>,
     pub payload: Option<&'a str>,
+}
+
+/// A parsed line that owns its text, so it can cross threads: columns are
+/// byte ranges of the text, or owned where escapes had to be decoded.
+pub(crate) struct OwnedLine {
+    text: String,
+    ts_ns: i64,
+    batch: u64,
+    level: Option<u8>,
+    line: Option<i64>,
+    kind: Col,
+    prefix: Col,
+    name: Col,
+    module: Option<Col>,
+    file: Option<Col>,
+    message: Option<Col>,
+    fields: Option<Range<usize>>,
+    spans: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+}
+
+enum Col {
+    Span(Range<usize>),
+    Owned(Box<str>),
+}
+
+/// The byte range of `sub` in `text`, if it is a slice of it.
+fn range_in(text: &str, sub: &str) -> Option<Range<usize>> {
+    let start = (sub.as_ptr() as usize).checked_sub(text.as_ptr() as usize)?;
+    let end = start + sub.len();
+    (end <= text.len()).then_some(start..end)
+}
+
+impl Col {
+    fn new(text: &str, c: Cow<'_, str>) -> Col {
+        match c {
+            Cow::Borrowed(s) => match range_in(text, s) {
+                Some(r) => Col::Span(r),
+                None => Col::Owned(s.into()),
+            },
+            Cow::Owned(s) => Col::Owned(s.into_boxed_str()),
+        }
+    }
+
+    fn get<'a>(&'a self, text: &'a str) -> Cow<'a, str> {
+        match self {
+            Col::Span(r) => Cow::Borrowed(text.get(r.clone()).unwrap_or_default()),
+            Col::Owned(s) => Cow::Borrowed(s),
+        }
+    }
+}
+
+impl OwnedLine {
+    /// Parses `text`; the error says why it cannot be indexed.
+    pub(crate) fn parse(text: String) -> Result<OwnedLine, String> {
+        let l = parse_line(&text)?;
+        let raw = |s: Option<&str>| s.and_then(|s| range_in(&text, s));
+        let cols = OwnedLine {
+            ts_ns: l.ts_ns,
+            batch: l.batch,
+            level: l.level,
+            line: l.line,
+            kind: Col::new(&text, l.kind),
+            prefix: Col::new(&text, l.prefix),
+            name: Col::new(&text, l.name),
+            module: l.module.map(|c| Col::new(&text, c)),
+            file: l.file.map(|c| Col::new(&text, c)),
+            message: l.message.map(|c| Col::new(&text, c)),
+            fields: raw(l.fields),
+            spans: raw(l.spans),
+            payload: raw(l.payload),
+            text: String::new(),
+        };
+        Ok(OwnedLine { text, ..cols })
+    }
+
+    /// The columns, borrowed.
+    pub(crate) fn line(&self) -> Line<'_> {
+        let t = self.text.as_str();
+        let raw = |r: &Option<Range<usize>>| r.clone().and_then(|r| t.get(r));
+        Line {
+            ts_ns: self.ts_ns,
+            kind: self.kind.get(t),
+            batch: self.batch,
+            prefix: self.prefix.get(t),
+            name: self.name.get(t),
+            level: self.level,
+            module: self.module.as_ref().map(|c| c.get(t)),
+            file: self.file.as_ref().map(|c| c.get(t)),
+            line: self.line,
+            message: self.message.as_ref().map(|c| c.get(t)),
+            fields: raw(&self.fields),
+            spans: raw(&self.spans),
+            payload: raw(&self.payload),
+        }
+    }
 }
 
 /// The number stored in `records.level` for a level name (case-insensitive).
@@ -99,9 +196,9 @@ pub(crate) fn parse_line(line: &str) -> Result<Line<'_>, String> {
                 "file" => file = opt(raw, string_value)?,
                 "line" => line_no = opt(raw, |r| int(r, "line"))?,
                 "message" => message = opt(raw, string_value)?,
-                "fields" => fields = opt(raw, json)?,
-                "spans" => spans = opt(raw, json)?,
-                "payload" => payload = opt(raw, json)?,
+                "fields" => fields = (raw != "null").then_some(raw),
+                "spans" => spans = (raw != "null").then_some(raw),
+                "payload" => payload = (raw != "null").then_some(raw),
                 _ => {}
             }
             i = skip_ws(b, end);
@@ -245,13 +342,6 @@ fn uint(raw: &str, what: &str) -> Result<u64, String> {
         .map_err(|_| format!("`{what}` is not an unsigned integer: {}", clip(raw)))
 }
 
-/// A JSON value kept as text, after checking that it is valid JSON.
-fn json(raw: &str) -> Result<&str, String> {
-    serde_json::from_str::<IgnoredAny>(raw)
-        .map(|_| raw)
-        .map_err(|e| format!("bad JSON {}: {e}", clip(raw)))
-}
-
 /// `ts` as an integer of nanoseconds or an RFC 3339 string.
 fn ts_from_text(raw: &str) -> Result<i64, String> {
     if let Ok(n) = raw.parse::<i64>() {
@@ -322,7 +412,7 @@ mod tests {
             "{",
             r#"{"ts_ns":1,"kind":"log"}"#,
             r#"{"ts_ns":"x","kind":"log","prefix":"p"}"#,
-            r#"{"ts_ns":1,"kind":"log","prefix":"p","fields":{"a":}}"#,
+            r#"{"ts_ns":1,"kind":"log","prefix":"p","fields":{"a":"}}"#,
             r#"{"ts_ns":1,"kind":"log","prefix":"p","level":"LOUD"}"#,
             r#"{"ts_ns":1,"kind":"log","prefix":"p"} x"#,
             r#"{"ts_ns":1,"kind":"log","prefix":"p"#,
@@ -401,6 +491,19 @@ mod tests {
                     .collect(),
             ),
         }
+    }
+
+    // Catches an owned line whose columns point at the wrong bytes after
+    // the text moved (escaped columns are decoded copies).
+    #[test]
+    fn owned_line_gives_the_same_columns() {
+        let text = LOG.replace("\"target\":\"myapp::db\"", "\"target\":\"my\\u0061pp\"");
+        let want = parse_line(&text).unwrap();
+        assert_eq!(&*want.name, "myapp");
+        let owned = OwnedLine::parse(text.clone()).unwrap();
+        let moved = vec![owned];
+        assert_eq!(moved[0].line(), want);
+        assert!(OwnedLine::parse("[]".into()).is_err());
     }
 
     // Catches a level order that breaks `level >= WARN` range queries.
