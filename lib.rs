@@ -31,6 +31,8 @@ pub use layer::record::{
     now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, RecordKind, Records, SpanRecord,
 };
 pub use layer::summary::{StatsReducer, Summarizer};
-pub use sinks::index::{Index, IndexConfig, IndexReader, Indexer, IndexerHandle, Query, QueryRecord};
+pub use sinks::index::{
+    Index, IndexConfig, IndexReader, Indexer, IndexerHandle, Query, QueryRecord,
+};
 pub use sinks::segment::reader::{Damage, Frame, FrameReader, ReadItem, SegmentReader};
 pub use sinks::segment::{list_segments, Durability, SegmentConfig, SegmentSink, Stream};

@@ -118,7 +118,13 @@ fn row(r: &QueryRecord) -> Vec<String> {
                     text.push_str(&format!(" {k}={v}"));
                 }
             }
-            vec![r.ts.clone(), level.clone(), r.prefix.clone(), target.clone(), text]
+            vec![
+                r.ts.clone(),
+                level.clone(),
+                r.prefix.clone(),
+                target.clone(),
+                text,
+            ]
         }
         RecordBody::Event { name, payload } => vec![
             r.ts.clone(),
@@ -148,7 +154,8 @@ impl Table {
 
     /// Appends a row.
     pub(crate) fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells.into_iter().map(|c| one_line(&c)).collect());
+        self.rows
+            .push(cells.into_iter().map(|c| one_line(&c)).collect());
     }
 
     /// Writes the table.

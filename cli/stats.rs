@@ -119,6 +119,9 @@ mod tests {
         assert_eq!(bytes(5 << 30), "5.0 GiB");
         assert_eq!(duration(1_500_000_000), "1.500s");
         assert_eq!(duration(61 * 1_000_000_000), "1m 1s");
-        assert_eq!(duration(3 * 86_400 * 1_000_000_000 + 7_200_000_000_000), "3d 2h");
+        assert_eq!(
+            duration(3 * 86_400 * 1_000_000_000 + 7_200_000_000_000),
+            "3d 2h"
+        );
     }
 }

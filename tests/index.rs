@@ -16,9 +16,7 @@ use spillway::sinks::index::{
 };
 use spillway::sinks::segment::reader::{ReadItem, SegmentReader};
 use spillway::sinks::segment::{list_segments, SegmentConfig, SegmentSink};
-use spillway::{
-    rfc3339, BatchConfig, BusEvent, Engine, FieldValue, Level, LogRecord, Policy,
-};
+use spillway::{rfc3339, BatchConfig, BusEvent, Engine, FieldValue, Level, LogRecord, Policy};
 
 const T0: i64 = 1_800_000_000_000_000_000;
 const SEC: i64 = 1_000_000_000;
@@ -50,7 +48,14 @@ fn write_frames(dir: &Path, stream: &str, file: &str, frames: &[Vec<Value>]) -> 
     path
 }
 
-fn log_line(ts_ns: i64, batch: u64, target: &str, level: &str, message: &str, fields: Value) -> Value {
+fn log_line(
+    ts_ns: i64,
+    batch: u64,
+    target: &str,
+    level: &str,
+    message: &str,
+    fields: Value,
+) -> Value {
     json!({"ts": rfc3339(ts_ns), "ts_ns": ts_ns, "kind": "log", "batch": batch,
         "prefix": format!("log:{target}"), "target": target, "level": level, "module": target,
         "file": "src/x.rs", "line": 7, "message": message, "fields": fields,
@@ -209,14 +214,27 @@ fn demo_run_indexes_every_segment_line_once() {
     for i in 0..50_000u64 {
         match i % 5 {
             0 | 1 => {
-                let level = if i % 97 == 0 { Level::WARN } else { Level::INFO };
+                let level = if i % 97 == 0 {
+                    Level::WARN
+                } else {
+                    Level::INFO
+                };
                 engine
                     .submit_log(log(i, targets[i as usize % 3], level), false)
                     .expect("log");
             }
-            2 => engine.publish("data:users:created", json!({"id": i})).expect("pub"),
-            3 => engine.publish("test:ids:created", json!({"id": i})).expect("pub"),
-            _ => engine.publish("code_index:file:created", json!({"path": format!("src/{i}.rs")})).expect("pub"),
+            2 => engine
+                .publish("data:users:created", json!({"id": i}))
+                .expect("pub"),
+            3 => engine
+                .publish("test:ids:created", json!({"id": i}))
+                .expect("pub"),
+            _ => engine
+                .publish(
+                    "code_index:file:created",
+                    json!({"path": format!("src/{i}.rs")}),
+                )
+                .expect("pub"),
         }
     }
     engine.flush().unwrap();
@@ -228,17 +246,30 @@ fn demo_run_indexes_every_segment_line_once() {
     let progress = index.catch_up().unwrap();
     assert_eq!(progress.records as usize, lines.len());
     assert_eq!((progress.damaged_frames, progress.bad_lines), (0, 0));
-    assert!(list_segments(dir.path()).unwrap().len() > 3, "expected rotated files");
-    assert_eq!(count(dir.path(), "SELECT count(*) FROM records") as usize, lines.len());
+    assert!(
+        list_segments(dir.path()).unwrap().len() > 3,
+        "expected rotated files"
+    );
+    assert_eq!(
+        count(dir.path(), "SELECT count(*) FROM records") as usize,
+        lines.len()
+    );
     assert_eq!(index.lag().unwrap().bytes, 0);
 
     let stats = index.stats().unwrap();
     for (prefix, s) in &engine_stats.prefixes {
         let got = stats.prefixes.get(prefix).map_or(0, |p| p.records);
         assert_eq!(got, s.accepted, "records of {prefix}");
-        assert_eq!(stats.prefixes[prefix].batches, s.batches, "batches of {prefix}");
+        assert_eq!(
+            stats.prefixes[prefix].batches, s.batches,
+            "batches of {prefix}"
+        );
     }
-    assert!(stats.compression_ratio.unwrap() > 2.0, "{:?}", stats.compression_ratio);
+    assert!(
+        stats.compression_ratio.unwrap() > 2.0,
+        "{:?}",
+        stats.compression_ratio
+    );
     assert_eq!(stats.lag.bytes, 0);
 
     // A second pass finds nothing new.
@@ -249,17 +280,29 @@ fn demo_run_indexes_every_segment_line_once() {
 #[test]
 fn lag_counts_unindexed_bytes_and_files() {
     let dir = tempfile::tempdir().unwrap();
-    let a = write_frames(dir.path(), "logs", "logs-20270101T000000.000000000Z-000001.zst",
-        &[vec![log_line(T0, 1, "a", "INFO", "one", json!({}))]]);
+    let a = write_frames(
+        dir.path(),
+        "logs",
+        "logs-20270101T000000.000000000Z-000001.zst",
+        &[vec![log_line(T0, 1, "a", "INFO", "one", json!({}))]],
+    );
     let mut index = Index::open(dir.path()).unwrap();
     let size_a = std::fs::metadata(&a).unwrap().len();
     assert_eq!(index.lag().unwrap().bytes, size_a);
     index.catch_up().unwrap();
     assert_eq!(index.lag().unwrap().bytes, 0);
-    write_frames(dir.path(), "logs", "logs-20270101T000000.000000000Z-000001.zst",
-        &[vec![log_line(T0 + 1, 2, "a", "INFO", "two", json!({}))]]);
-    let b = write_frames(dir.path(), "events", "events-20270101T000000.000000000Z-000002.zst",
-        &[vec![event_line(T0, 3, "data:x", "data:x:y", json!(1))]]);
+    write_frames(
+        dir.path(),
+        "logs",
+        "logs-20270101T000000.000000000Z-000001.zst",
+        &[vec![log_line(T0 + 1, 2, "a", "INFO", "two", json!({}))]],
+    );
+    let b = write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000000.000000000Z-000002.zst",
+        &[vec![event_line(T0, 3, "data:x", "data:x:y", json!(1))]],
+    );
     let lag = index.lag().unwrap();
     assert_eq!(lag.segments, 2);
     assert_eq!(
@@ -346,16 +389,21 @@ fn sigkill_while_indexing_loses_and_duplicates_nothing() {
 
     let mut index = Index::open(dir.path()).unwrap();
     index.catch_up().unwrap();
-    let (rows, distinct, lo, hi): (i64, i64, i64, i64) = rusqlite::Connection::open(dir.path().join(INDEX_FILE))
-        .unwrap()
-        .query_row(
-            "SELECT count(*), count(DISTINCT json_extract(payload, '$.id')), \
+    let (rows, distinct, lo, hi): (i64, i64, i64, i64) =
+        rusqlite::Connection::open(dir.path().join(INDEX_FILE))
+            .unwrap()
+            .query_row(
+                "SELECT count(*), count(DISTINCT json_extract(payload, '$.id')), \
              min(json_extract(payload, '$.id')), max(json_extract(payload, '$.id')) FROM records",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
-        .unwrap();
-    assert_eq!((rows, distinct), (KILL_IDS as i64, KILL_IDS as i64), "missing or duplicated rows");
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+    assert_eq!(
+        (rows, distinct),
+        (KILL_IDS as i64, KILL_IDS as i64),
+        "missing or duplicated rows"
+    );
     assert_eq!((lo, hi), (0, KILL_IDS as i64 - 1));
     let stats = index.stats().unwrap();
     assert_eq!(stats.prefixes["test:ids"].records, KILL_IDS);
@@ -382,11 +430,17 @@ fn locked_database_is_reported_and_indexing_resumes() {
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .unwrap();
     publish_ids(&engine, 100..1100);
-    let err = handle.catch_up_now(Duration::from_secs(30)).unwrap_err().to_string();
+    let err = handle
+        .catch_up_now(Duration::from_secs(30))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("locked"), "{err}");
     let status = handle.status();
     assert!(!status.healthy && status.errors >= 1, "{status:?}");
-    assert!(status.last_error.as_deref().unwrap().contains("index.db"), "{status:?}");
+    assert!(
+        status.last_error.as_deref().unwrap().contains("index.db"),
+        "{status:?}"
+    );
     // The segment side kept going.
     publish_ids(&engine, 1100..1200);
     assert_eq!(segment_lines(dir.path()).len(), 1200);
@@ -398,7 +452,13 @@ fn locked_database_is_reported_and_indexing_resumes() {
     let status = handle.status();
     assert!(status.healthy, "{status:?}");
     assert_eq!(status.lag.bytes, 0);
-    assert_eq!(count(dir.path(), "SELECT count(DISTINCT json_extract(payload, '$.id')) FROM records"), 1200);
+    assert_eq!(
+        count(
+            dir.path(),
+            "SELECT count(DISTINCT json_extract(payload, '$.id')) FROM records"
+        ),
+        1200
+    );
     assert_eq!(count(dir.path(), "SELECT count(*) FROM records"), 1200);
     drop(handle);
     drop(guard);
@@ -417,7 +477,13 @@ fn corrupt_index_is_moved_aside_and_rebuilt_from_segments() {
         index.catch_up().unwrap();
     }
     let db = dir.path().join(INDEX_FILE);
-    assert!(!dir.path().join("index.db-wal").exists() || std::fs::metadata(dir.path().join("index.db-wal")).unwrap().len() == 0);
+    assert!(
+        !dir.path().join("index.db-wal").exists()
+            || std::fs::metadata(dir.path().join("index.db-wal"))
+                .unwrap()
+                .len()
+                == 0
+    );
     let garbage = vec![0xA5u8; 64 << 10];
     std::fs::write(&db, &garbage).unwrap();
 
@@ -435,13 +501,30 @@ fn corrupt_index_is_moved_aside_and_rebuilt_from_segments() {
     assert_eq!(status.moved_aside.len(), 1, "{status:?}");
     let aside = &status.moved_aside[0];
     assert!(
-        aside.file_name().unwrap().to_string_lossy().starts_with("index.db.corrupt-"),
+        aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("index.db.corrupt-"),
         "{}",
         aside.display()
     );
-    assert_eq!(std::fs::read(aside).unwrap(), garbage, "the corrupt file is kept as it was");
-    assert!(status.errors >= 1 && status.last_error.is_some(), "{status:?}");
-    assert_eq!(count(dir.path(), "SELECT count(DISTINCT json_extract(payload, '$.id')) FROM records"), 1000);
+    assert_eq!(
+        std::fs::read(aside).unwrap(),
+        garbage,
+        "the corrupt file is kept as it was"
+    );
+    assert!(
+        status.errors >= 1 && status.last_error.is_some(),
+        "{status:?}"
+    );
+    assert_eq!(
+        count(
+            dir.path(),
+            "SELECT count(DISTINCT json_extract(payload, '$.id')) FROM records"
+        ),
+        1000
+    );
     assert_eq!(count(dir.path(), "SELECT count(*) FROM records"), 1000);
     drop(handle);
     drop(guard);
@@ -464,7 +547,9 @@ fn reindex_reproduces_the_same_rows_and_refuses_an_index_in_use() {
     for round in 0..4u64 {
         publish_ids(&engine, round * 1000..(round + 1) * 1000);
         for i in 0..200 {
-            engine.submit_log(log(i, "myapp::db", Level::INFO), false).unwrap();
+            engine
+                .submit_log(log(i, "myapp::db", Level::INFO), false)
+                .unwrap();
         }
         engine.flush().unwrap();
         index.catch_up().unwrap();
@@ -481,7 +566,10 @@ fn reindex_reproduces_the_same_rows_and_refuses_an_index_in_use() {
     drop(index);
 
     let mut calls = Vec::new();
-    let p = reindex(dir.path(), &IndexConfig::default(), &mut |done, total| calls.push((done, total))).unwrap();
+    let p = reindex(dir.path(), &IndexConfig::default(), &mut |done, total| {
+        calls.push((done, total))
+    })
+    .unwrap();
     assert_eq!(p.records, 4800);
     let (done, total) = *calls.last().unwrap();
     assert_eq!(done, total, "progress ends at the total");
@@ -498,10 +586,22 @@ fn reindex_reproduces_the_same_rows_and_refuses_an_index_in_use() {
 #[test]
 fn retention_removing_a_segment_removes_its_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let a = write_frames(dir.path(), "events", "events-20270101T000000.000000000Z-000001.zst",
-        &[(0..10).map(|i| event_line(T0 + i, 1, "data:a", "data:a:x", json!({"id": i}))).collect()]);
-    write_frames(dir.path(), "events", "events-20270101T000001.000000000Z-000002.zst",
-        &[(10..15).map(|i| event_line(T0 + i, 2, "data:a", "data:a:x", json!({"id": i}))).collect()]);
+    let a = write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000000.000000000Z-000001.zst",
+        &[(0..10)
+            .map(|i| event_line(T0 + i, 1, "data:a", "data:a:x", json!({"id": i})))
+            .collect()],
+    );
+    write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000001.000000000Z-000002.zst",
+        &[(10..15)
+            .map(|i| event_line(T0 + i, 2, "data:a", "data:a:x", json!({"id": i})))
+            .collect()],
+    );
     let mut index = Index::open(dir.path()).unwrap();
     index.catch_up().unwrap();
     assert_eq!(count(dir.path(), "SELECT count(*) FROM records"), 15);
@@ -509,7 +609,13 @@ fn retention_removing_a_segment_removes_its_rows() {
     let p = index.catch_up().unwrap();
     assert_eq!(p.segments_removed, 1);
     assert_eq!(count(dir.path(), "SELECT count(*) FROM records"), 5);
-    assert_eq!(count(dir.path(), "SELECT min(json_extract(payload, '$.id')) FROM records"), 10);
+    assert_eq!(
+        count(
+            dir.path(),
+            "SELECT min(json_extract(payload, '$.id')) FROM records"
+        ),
+        10
+    );
     assert_eq!(count(dir.path(), "SELECT count(*) FROM segments"), 1);
     assert_eq!(count(dir.path(), "SELECT count(*) FROM batches"), 1);
 }
@@ -520,11 +626,33 @@ fn retention_removing_a_segment_removes_its_rows() {
 fn damaged_frame_is_skipped_once_and_the_rest_indexed() {
     let dir = tempfile::tempdir().unwrap();
     let frames: Vec<Vec<Value>> = (0..3)
-        .map(|f| (0..20).map(|i| event_line(T0 + f * 100 + i, f as u64, "data:a", "data:a:x", json!({"id": f * 100 + i}))).collect())
+        .map(|f| {
+            (0..20)
+                .map(|i| {
+                    event_line(
+                        T0 + f * 100 + i,
+                        f as u64,
+                        "data:a",
+                        "data:a:x",
+                        json!({"id": f * 100 + i}),
+                    )
+                })
+                .collect()
+        })
         .collect();
-    let path = write_frames(dir.path(), "events", "events-20270101T000000.000000000Z-000001.zst", &frames[..1]);
+    let path = write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000000.000000000Z-000001.zst",
+        &frames[..1],
+    );
     let first_len = std::fs::metadata(&path).unwrap().len();
-    write_frames(dir.path(), "events", "events-20270101T000000.000000000Z-000001.zst", &frames[1..]);
+    write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000000.000000000Z-000001.zst",
+        &frames[1..],
+    );
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[first_len as usize + 20] ^= 0xFF; // inside the second frame
     std::fs::write(&path, &bytes).unwrap();
@@ -532,9 +660,19 @@ fn damaged_frame_is_skipped_once_and_the_rest_indexed() {
     let mut index = Index::open(dir.path()).unwrap();
     let p = index.catch_up().unwrap();
     assert_eq!(p.damaged_frames, 1, "{p:?}");
-    assert!(p.problems[0].contains(&format!("at byte {first_len}")), "{:?}", p.problems);
+    assert!(
+        p.problems[0].contains(&format!("at byte {first_len}")),
+        "{:?}",
+        p.problems
+    );
     assert_eq!(p.records, 40);
-    assert_eq!(count(dir.path(), "SELECT count(*) FROM records WHERE json_extract(payload, '$.id') BETWEEN 100 AND 199"), 0);
+    assert_eq!(
+        count(
+            dir.path(),
+            "SELECT count(*) FROM records WHERE json_extract(payload, '$.id') BETWEEN 100 AND 199"
+        ),
+        0
+    );
     assert_eq!(index.catch_up().unwrap().damaged_frames, 0);
     assert_eq!(index.stats().unwrap().damaged_frames, 1);
 }
@@ -543,15 +681,44 @@ fn damaged_frame_is_skipped_once_and_the_rest_indexed() {
 #[test]
 fn stats_sum_drop_notices_per_prefix() {
     let dir = tempfile::tempdir().unwrap();
-    let mut notice = log_line(T0, 9, "spillway", "WARN", "5 records dropped on data:users since ...",
-        json!({"dropped": 5, "prefix": "data:users", "since_ns": T0}));
+    let mut notice = log_line(
+        T0,
+        9,
+        "spillway",
+        "WARN",
+        "5 records dropped on data:users since ...",
+        json!({"dropped": 5, "prefix": "data:users", "since_ns": T0}),
+    );
     notice["prefix"] = json!("data:users");
-    write_frames(dir.path(), "events", "events-20270101T000000.000000000Z-000001.zst", &[vec![
-        notice,
-        event_line(T0 + 1, 9, "data:users", "data:users:created", json!({"id": 1})),
-        event_line(T0 + 2, 9, "data:users", "data:users:created", json!({"id": 2})),
-        event_line(T0 + 3, 10, "data:users", "data:users:created", json!({"id": 3})),
-    ]]);
+    write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000000.000000000Z-000001.zst",
+        &[vec![
+            notice,
+            event_line(
+                T0 + 1,
+                9,
+                "data:users",
+                "data:users:created",
+                json!({"id": 1}),
+            ),
+            event_line(
+                T0 + 2,
+                9,
+                "data:users",
+                "data:users:created",
+                json!({"id": 2}),
+            ),
+            event_line(
+                T0 + 3,
+                10,
+                "data:users",
+                "data:users:created",
+                json!({"id": 3}),
+            ),
+        ]],
+    );
     let mut index = Index::open(dir.path()).unwrap();
     index.catch_up().unwrap();
     let s = index.stats().unwrap();
@@ -567,24 +734,97 @@ fn stats_sum_drop_notices_per_prefix() {
 /// A small known data set with exact timestamps.
 fn query_fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    write_frames(dir.path(), "logs", "logs-20270101T000000.000000000Z-000001.zst", &[vec![
-        log_line(T0, 1, "myapp::db", "INFO", "row written 0", json!({"user_id": 42, "table": "users"})),
-        log_line(T0 + SEC, 2, "myapp::db", "WARN", "slow query", json!({"user_id": 7, "ms": 250})),
-        log_line(T0 + 2 * SEC, 3, "myapp::http", "ERROR", "request failed: '; DROP TABLE records; --",
-            json!({"status": "500", "user_id": "42"})),
-        log_line(T0 + 3 * SEC, 4, "myapp::http", "DEBUG", "debug thing", json!({"flag": true})),
-    ]]);
-    let mut notice = log_line(T0 + SEC / 2 - 1, 9, "spillway", "WARN", "5 records dropped on data:users",
-        json!({"dropped": 5, "prefix": "data:users", "since_ns": T0}));
+    write_frames(
+        dir.path(),
+        "logs",
+        "logs-20270101T000000.000000000Z-000001.zst",
+        &[vec![
+            log_line(
+                T0,
+                1,
+                "myapp::db",
+                "INFO",
+                "row written 0",
+                json!({"user_id": 42, "table": "users"}),
+            ),
+            log_line(
+                T0 + SEC,
+                2,
+                "myapp::db",
+                "WARN",
+                "slow query",
+                json!({"user_id": 7, "ms": 250}),
+            ),
+            log_line(
+                T0 + 2 * SEC,
+                3,
+                "myapp::http",
+                "ERROR",
+                "request failed: '; DROP TABLE records; --",
+                json!({"status": "500", "user_id": "42"}),
+            ),
+            log_line(
+                T0 + 3 * SEC,
+                4,
+                "myapp::http",
+                "DEBUG",
+                "debug thing",
+                json!({"flag": true}),
+            ),
+        ]],
+    );
+    let mut notice = log_line(
+        T0 + SEC / 2 - 1,
+        9,
+        "spillway",
+        "WARN",
+        "5 records dropped on data:users",
+        json!({"dropped": 5, "prefix": "data:users", "since_ns": T0}),
+    );
     notice["prefix"] = json!("data:users");
-    write_frames(dir.path(), "events", "events-20270101T000000.000000000Z-000002.zst", &[vec![
-        notice,
-        event_line(T0 + SEC / 2, 9, "data:users", "data:users:created", json!({"id": 1, "name": "ann"})),
-        event_line(T0 + 3 * SEC / 2, 10, "data:users", "data:users:deleted", json!({"id": 2})),
-        event_line(T0 + 5 * SEC / 2, 11, "sentinel:7", "sentinel:7:status", json!({"state": "ok"})),
-        event_line(T0 + 7 * SEC / 2, 11, "sentinel:7", "sentinel:7:x:status", json!({"state": "odd"})),
-        event_line(T0 + 9 * SEC / 2, 12, "chat:message", "chat:message", json!({"text": "hello world"})),
-    ]]);
+    write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000000.000000000Z-000002.zst",
+        &[vec![
+            notice,
+            event_line(
+                T0 + SEC / 2,
+                9,
+                "data:users",
+                "data:users:created",
+                json!({"id": 1, "name": "ann"}),
+            ),
+            event_line(
+                T0 + 3 * SEC / 2,
+                10,
+                "data:users",
+                "data:users:deleted",
+                json!({"id": 2}),
+            ),
+            event_line(
+                T0 + 5 * SEC / 2,
+                11,
+                "sentinel:7",
+                "sentinel:7:status",
+                json!({"state": "ok"}),
+            ),
+            event_line(
+                T0 + 7 * SEC / 2,
+                11,
+                "sentinel:7",
+                "sentinel:7:x:status",
+                json!({"state": "odd"}),
+            ),
+            event_line(
+                T0 + 9 * SEC / 2,
+                12,
+                "chat:message",
+                "chat:message",
+                json!({"text": "hello world"}),
+            ),
+        ]],
+    );
     Index::open(dir.path()).unwrap().catch_up().unwrap();
     dir
 }
@@ -620,39 +860,87 @@ fn query_filters_each_select_exactly_their_records() {
     assert_eq!(q(&|_| {}).len(), 10);
     assert_eq!(
         q(&|q| q.since = Some(T0 + 2 * SEC)),
-        sorted(&["request failed: '; DROP TABLE records; --", "debug thing", "sentinel:7:status", "sentinel:7:x:status", "chat:message"])
+        sorted(&[
+            "request failed: '; DROP TABLE records; --",
+            "debug thing",
+            "sentinel:7:status",
+            "sentinel:7:x:status",
+            "chat:message"
+        ])
     );
     assert_eq!(
         q(&|q| q.until = Some(T0 + SEC)),
-        sorted(&["row written 0", "5 records dropped on data:users", "data:users:created"])
+        sorted(&[
+            "row written 0",
+            "5 records dropped on data:users",
+            "data:users:created"
+        ])
     );
     assert_eq!(
         q(&|q| q.min_level = Some(Level::WARN)),
-        sorted(&["slow query", "request failed: '; DROP TABLE records; --", "5 records dropped on data:users"])
+        sorted(&[
+            "slow query",
+            "request failed: '; DROP TABLE records; --",
+            "5 records dropped on data:users"
+        ])
     );
-    assert_eq!(q(&|q| q.min_level = Some(Level::ERROR)), sorted(&["request failed: '; DROP TABLE records; --"]));
+    assert_eq!(
+        q(&|q| q.min_level = Some(Level::ERROR)),
+        sorted(&["request failed: '; DROP TABLE records; --"])
+    );
     assert_eq!(q(&|q| q.min_level = Some(Level::TRACE)).len(), 5);
     let by_prefix = |p: &str| q(&|q| q.prefix = Some(p.into()));
-    assert_eq!(by_prefix("log:myapp::http"), sorted(&["request failed: '; DROP TABLE records; --", "debug thing"]));
-    assert_eq!(by_prefix("myapp::http"), by_prefix("log:myapp::http"), "a log's target is its name");
+    assert_eq!(
+        by_prefix("log:myapp::http"),
+        sorted(&["request failed: '; DROP TABLE records; --", "debug thing"])
+    );
+    assert_eq!(
+        by_prefix("myapp::http"),
+        by_prefix("log:myapp::http"),
+        "a log's target is its name"
+    );
     assert_eq!(
         by_prefix("data:*"),
-        sorted(&["5 records dropped on data:users", "data:users:created", "data:users:deleted"])
+        sorted(&[
+            "5 records dropped on data:users",
+            "data:users:created",
+            "data:users:deleted"
+        ])
     );
-    assert_eq!(by_prefix("data:users:created"), sorted(&["data:users:created"]));
-    assert_eq!(by_prefix("sentinel:*:status"), sorted(&["sentinel:7:status"]), "`*` is one segment");
-    assert_eq!(by_prefix("sentinel:*"), sorted(&["sentinel:7:status", "sentinel:7:x:status"]));
+    assert_eq!(
+        by_prefix("data:users:created"),
+        sorted(&["data:users:created"])
+    );
+    assert_eq!(
+        by_prefix("sentinel:*:status"),
+        sorted(&["sentinel:7:status"]),
+        "`*` is one segment"
+    );
+    assert_eq!(
+        by_prefix("sentinel:*"),
+        sorted(&["sentinel:7:status", "sentinel:7:x:status"])
+    );
     assert_eq!(by_prefix("chat:message"), sorted(&["chat:message"]));
     let grep = |t: &str| q(&|q| q.text = Some(t.into()));
     assert_eq!(grep("hello"), sorted(&["chat:message"]));
     assert_eq!(grep("slow"), sorted(&["slow query"]));
-    assert_eq!(grep("Slow"), Vec::<String>::new(), "case-sensitive like grep");
+    assert_eq!(
+        grep("Slow"),
+        Vec::<String>::new(),
+        "case-sensitive like grep"
+    );
     assert_eq!(grep("x:status"), sorted(&["sentinel:7:x:status"]));
     let field = |k: &str, v: &str| q(&|q| q.fields = vec![(k.into(), v.into())]);
-    assert_eq!(field("user_id", "42"), sorted(&["row written 0", "request failed: '; DROP TABLE records; --"]));
+    assert_eq!(
+        field("user_id", "42"),
+        sorted(&["row written 0", "request failed: '; DROP TABLE records; --"])
+    );
     assert_eq!(field("table", "users"), sorted(&["row written 0"]));
     assert_eq!(field("flag", "true"), sorted(&["debug thing"]));
-    assert_eq!(field("status", "500"), sorted(&["request failed: '; DROP TABLE records; --"]));
+    assert_eq!(
+        field("status", "500"),
+        sorted(&["request failed: '; DROP TABLE records; --"])
+    );
     assert_eq!(field("id", "1"), sorted(&["data:users:created"]));
     assert_eq!(field("name", "ann"), sorted(&["data:users:created"]));
     assert_eq!(field("user_id", "4"), Vec::<String>::new());
@@ -681,15 +969,47 @@ fn query_filters_each_select_exactly_their_records() {
 fn query_order_and_limit() {
     let dir = query_fixture();
     let r = IndexReader::open(dir.path()).unwrap();
-    let newest = r.query(&Query { limit: Some(2), ..Query::default() }).unwrap();
+    let newest = r
+        .query(&Query {
+            limit: Some(2),
+            ..Query::default()
+        })
+        .unwrap();
     assert_eq!(names(&newest), ["chat:message", "sentinel:7:x:status"]);
-    let oldest = r.query(&Query { limit: Some(2), order: Order::Asc, ..Query::default() }).unwrap();
-    assert_eq!(names(&oldest), ["row written 0", "5 records dropped on data:users"]);
-    let warn = r.query(&Query { limit: Some(2), min_level: Some(Level::WARN), ..Query::default() }).unwrap();
-    assert_eq!(names(&warn), ["request failed: '; DROP TABLE records; --", "slow query"]);
-    let all = r.query(&Query { limit: None, order: Order::Asc, ..Query::default() }).unwrap();
+    let oldest = r
+        .query(&Query {
+            limit: Some(2),
+            order: Order::Asc,
+            ..Query::default()
+        })
+        .unwrap();
+    assert_eq!(
+        names(&oldest),
+        ["row written 0", "5 records dropped on data:users"]
+    );
+    let warn = r
+        .query(&Query {
+            limit: Some(2),
+            min_level: Some(Level::WARN),
+            ..Query::default()
+        })
+        .unwrap();
+    assert_eq!(
+        names(&warn),
+        ["request failed: '; DROP TABLE records; --", "slow query"]
+    );
+    let all = r
+        .query(&Query {
+            limit: None,
+            order: Order::Asc,
+            ..Query::default()
+        })
+        .unwrap();
     let ts: Vec<i64> = all.iter().map(|r| r.ts_ns).collect();
-    assert!(ts.windows(2).all(|w| w[0] <= w[1]) && ts.len() == 10, "{ts:?}");
+    assert!(
+        ts.windows(2).all(|w| w[0] <= w[1]) && ts.len() == 10,
+        "{ts:?}"
+    );
 }
 
 // Catches a glob post-filter that stops at the first page: the one real
@@ -697,9 +1017,28 @@ fn query_order_and_limit() {
 #[test]
 fn glob_prefix_pages_past_decoys() {
     let dir = tempfile::tempdir().unwrap();
-    let mut lines = vec![event_line(T0, 1, "sentinel:1", "sentinel:1:status", json!({}))];
-    lines.extend((0..1500).map(|i| event_line(T0 + 1 + i, 2, "sentinel:1", "sentinel:1:deep:status", json!({}))));
-    write_frames(dir.path(), "events", "events-20270101T000000.000000000Z-000001.zst", &[lines]);
+    let mut lines = vec![event_line(
+        T0,
+        1,
+        "sentinel:1",
+        "sentinel:1:status",
+        json!({}),
+    )];
+    lines.extend((0..1500).map(|i| {
+        event_line(
+            T0 + 1 + i,
+            2,
+            "sentinel:1",
+            "sentinel:1:deep:status",
+            json!({}),
+        )
+    }));
+    write_frames(
+        dir.path(),
+        "events",
+        "events-20270101T000000.000000000Z-000001.zst",
+        &[lines],
+    );
     let mut index = Index::open(dir.path()).unwrap();
     index.catch_up().unwrap();
     for (level, limit) in [(None, Some(1)), (None, None)] {
@@ -729,7 +1068,10 @@ fn query_records_serialise_like_their_segment_lines() {
     rec.file = None;
     engine.submit_log(rec, true).unwrap();
     engine
-        .publish_event(BusEvent::new("data:users:created", json!({"id": 42, "tags": ["a", {"b": null}]})))
+        .publish_event(BusEvent::new(
+            "data:users:created",
+            json!({"id": 42, "tags": ["a", {"b": null}]}),
+        ))
         .unwrap();
     engine.flush().unwrap();
     drop(guard);
@@ -765,7 +1107,10 @@ fn level_query_uses_the_level_index() {
     )
     .unwrap();
     assert!(plan.contains("records_by_level_ts"), "{plan}");
-    assert!(!plan.contains("TEMP B-TREE"), "sorted without the index: {plan}");
+    assert!(
+        !plan.contains("TEMP B-TREE"),
+        "sorted without the index: {plan}"
+    );
 }
 
 // ---------------------------------------------------------------- sql and injection
@@ -796,13 +1141,19 @@ fn sql_refuses_writes() {
     }
     assert!(!out.exists());
     assert_eq!(count(dir.path(), "SELECT count(*) FROM records"), 10);
-    assert_eq!(count(dir.path(), "PRAGMA user_version") as usize, SCHEMA_VERSION);
+    assert_eq!(
+        count(dir.path(), "PRAGMA user_version") as usize,
+        SCHEMA_VERSION
+    );
     let mut rows = Vec::new();
     let cols = r
-        .sql("SELECT level, count(*) AS n FROM logs GROUP BY level ORDER BY level", &mut |_, row| {
-            rows.push(row);
-            Ok(())
-        })
+        .sql(
+            "SELECT level, count(*) AS n FROM logs GROUP BY level ORDER BY level",
+            &mut |_, row| {
+                rows.push(row);
+                Ok(())
+            },
+        )
         .unwrap();
     assert_eq!(cols, ["level", "n"]);
     assert_eq!(rows[0], vec![json!("DEBUG"), json!(1)]);
@@ -815,24 +1166,53 @@ fn injection_shaped_input_is_harmless() {
     let dir = query_fixture();
     let r = IndexReader::open(dir.path()).unwrap();
     let evil = "'; DROP TABLE records; --";
-    let found = r.query(&Query { text: Some(evil.into()), ..Query::default() }).unwrap();
+    let found = r
+        .query(&Query {
+            text: Some(evil.into()),
+            ..Query::default()
+        })
+        .unwrap();
     assert_eq!(names(&found), ["request failed: '; DROP TABLE records; --"]);
     for q in [
-        Query { fields: vec![(evil.into(), evil.into())], ..Query::default() },
-        Query { fields: vec![("user_id".into(), evil.into())], ..Query::default() },
-        Query { prefix: Some(evil.into()), ..Query::default() },
-        Query { prefix: Some("a[:*:?%_".into()), ..Query::default() },
-        Query { prefix: Some("%".into()), ..Query::default() },
+        Query {
+            fields: vec![(evil.into(), evil.into())],
+            ..Query::default()
+        },
+        Query {
+            fields: vec![("user_id".into(), evil.into())],
+            ..Query::default()
+        },
+        Query {
+            prefix: Some(evil.into()),
+            ..Query::default()
+        },
+        Query {
+            prefix: Some("a[:*:?%_".into()),
+            ..Query::default()
+        },
+        Query {
+            prefix: Some("%".into()),
+            ..Query::default()
+        },
     ] {
         assert!(r.query(&q).unwrap().is_empty(), "{q:?}");
     }
     let err = r
-        .query(&Query { prefix: Some("da*ta".into()), ..Query::default() })
+        .query(&Query {
+            prefix: Some("da*ta".into()),
+            ..Query::default()
+        })
         .unwrap_err()
         .to_string();
-    assert!(err.contains("da*ta"), "an invalid glob is an error quoting it: {err}");
+    assert!(
+        err.contains("da*ta"),
+        "an invalid glob is an error quoting it: {err}"
+    );
     let err = r
-        .query(&Query { fields: vec![("a\"b".into(), "1".into())], ..Query::default() })
+        .query(&Query {
+            fields: vec![("a\"b".into(), "1".into())],
+            ..Query::default()
+        })
         .unwrap_err()
         .to_string();
     assert!(err.contains("a\\\"b"), "{err}");

@@ -1,2 +1,2 @@
-mod segments;
 mod index;
+mod segments;

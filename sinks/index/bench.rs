@@ -64,7 +64,11 @@ pub fn run(quick: bool) -> Result<Vec<(String, f64, f64)>> {
         ours,
         raw,
     ));
-    out.push(("index rate / raw insert rate (target 0.8)".into(), ours / raw, 0.8));
+    out.push((
+        "index rate / raw insert rate (target 0.8)".into(),
+        ours / raw,
+        0.8,
+    ));
 
     {
         let index = Index::open(dir.path())?;
@@ -135,7 +139,10 @@ fn write_segments(dir: &Path, n: usize) -> Result<()> {
             submit_with_retry(&engine, record)?;
         } else {
             let payload = serde_json::json!({"id": i, "table": "users", "op": "created"});
-            while engine.publish("data:users:created", payload.clone()).is_err() {
+            while engine
+                .publish("data:users:created", payload.clone())
+                .is_err()
+            {
                 engine.flush()?;
             }
         }
@@ -231,8 +238,10 @@ fn raw_insert(db: &Path, rows: &[RawRow]) -> Result<f64> {
                 )
                 .map_err(err)?;
             for r in chunk {
-                stmt.execute(params![r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11])
-                    .map_err(err)?;
+                stmt.execute(params![
+                    r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7, r.8, r.9, r.10, r.11
+                ])
+                .map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;
@@ -245,7 +254,8 @@ fn raw_insert(db: &Path, rows: &[RawRow]) -> Result<f64> {
 fn synthetic_index(db: &Path, rows: &[RawRow], total: usize) -> Result<()> {
     let config = IndexConfig::default();
     let mut conn = open_rw(db, &config)?;
-    let err = |e: rusqlite::Error| Error::Other(format!("synthetic insert into {}: {e}", db.display()));
+    let err =
+        |e: rusqlite::Error| Error::Other(format!("synthetic insert into {}: {e}", db.display()));
     conn.execute_batch(
         "INSERT INTO segments (id, path, stream) VALUES (1, 'x', 'logs');
          INSERT INTO batches (id, segment_id, batch, prefix, kind, first_ts_ns, last_ts_ns) VALUES (1, 1, 1, 'x', 'log', 0, 0);",

@@ -182,6 +182,10 @@ mod tests {
             poll_interval: Duration::ZERO,
             ..IndexConfig::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("poll_interval_ms"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("poll_interval_ms"));
     }
 }

@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use rusqlite::{params, CachedStatement, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{
+    params, CachedStatement, Connection, OptionalExtension, Transaction, TransactionBehavior,
+};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -116,7 +118,11 @@ impl Index {
     }
 
     /// Opens the index database at `db_path` for the segments of `data_dir`.
-    pub(crate) fn open_file(data_dir: &Path, db_path: &Path, config: &IndexConfig) -> Result<Index> {
+    pub(crate) fn open_file(
+        data_dir: &Path,
+        db_path: &Path,
+        config: &IndexConfig,
+    ) -> Result<Index> {
         config.validate()?;
         let conn = schema::open_rw(db_path, config)?;
         Ok(Index {
@@ -145,7 +151,10 @@ impl Index {
 
     /// Like [`Index::catch_up`], calling `on_commit` with the running totals
     /// after each committed transaction (for progress bars).
-    pub fn catch_up_with(&mut self, on_commit: &mut dyn FnMut(&IndexProgress)) -> Result<IndexProgress> {
+    pub fn catch_up_with(
+        &mut self,
+        on_commit: &mut dyn FnMut(&IndexProgress),
+    ) -> Result<IndexProgress> {
         self.pass(None, on_commit)
     }
 
@@ -218,7 +227,10 @@ impl Index {
 
         // Reading (decompression, line parsing) runs on its own thread while
         // this one inserts; the bounded channel keeps memory flat.
-        let work: Vec<(PathBuf, u64)> = segs.iter().map(|s| (s.path.clone(), s.checkpoint)).collect();
+        let work: Vec<(PathBuf, u64)> = segs
+            .iter()
+            .map(|s| (s.path.clone(), s.checkpoint))
+            .collect();
         let (frames_tx, frames_rx) = mpsc::sync_channel(CHANNEL_FRAMES);
         let limit = self.config.rows_per_transaction;
         let conn = &mut self.conn;
@@ -270,7 +282,10 @@ pub(crate) fn lag(conn: &Connection, data_dir: &Path) -> Result<Lag> {
         let Ok(meta) = fs::metadata(&file) else {
             continue;
         };
-        let rel = file.strip_prefix(data_dir).unwrap_or(&file).to_string_lossy();
+        let rel = file
+            .strip_prefix(data_dir)
+            .unwrap_or(&file)
+            .to_string_lossy();
         let checkpoint = known.get(&*rel).map_or(0, |s| s.checkpoint);
         if meta.len() > checkpoint {
             lag.bytes += meta.len() - checkpoint;
@@ -321,7 +336,8 @@ pub fn reindex(
     for suffix in ["-wal", "-shm"] {
         remove_if_exists(&with_suffix(&target, suffix))?;
     }
-    fs::rename(&tmp, &target).map_err(|e| Error::io("cannot move the rebuilt index to", &target, e))?;
+    fs::rename(&tmp, &target)
+        .map_err(|e| Error::io("cannot move the rebuilt index to", &target, e))?;
     Ok(progress)
 }
 
@@ -335,7 +351,8 @@ fn release_old_index(target: &Path, config: &IndexConfig) -> Result<()> {
     let conn = Connection::open(target).map_err(sql_err("cannot open", target))?;
     conn.busy_timeout(config.busy_timeout.min(std::time::Duration::from_secs(1)))
         .map_err(sql_err("cannot configure", target))?;
-    let mode: rusqlite::Result<String> = conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0));
+    let mode: rusqlite::Result<String> =
+        conn.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0));
     match mode {
         Ok(m) if m.eq_ignore_ascii_case("delete") => Ok(()),
         Ok(_) => Err(in_use(target)),
@@ -461,7 +478,6 @@ fn stream_of(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-
 /// Frames in flight between the reading thread and the inserting one.
 const CHANNEL_FRAMES: usize = 16;
 
@@ -542,7 +558,9 @@ fn read_segments(work: Vec<(PathBuf, u64)>, out: mpsc::SyncSender<Msg>) {
                         (*seg, reader)
                     }
                     // Deleted under us: the next pass removes its rows.
-                    Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
                         if out.send(Msg::Done { seg }).is_err() {
                             return;
                         }
@@ -655,10 +673,12 @@ impl SegDelta {
     }
 }
 
-const INSERT_RECORD: &str = "INSERT INTO records (ts_ns, kind, level, prefix, name, message, module, \
+const INSERT_RECORD: &str =
+    "INSERT INTO records (ts_ns, kind, level, prefix, name, message, module, \
      file, line, fields, spans, payload, batch_id, segment_id, frame_offset) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)";
-const UPSERT_BATCH: &str = "INSERT INTO batches (segment_id, batch, prefix, kind, first_ts_ns, last_ts_ns) \
+const UPSERT_BATCH: &str =
+    "INSERT INTO batches (segment_id, batch, prefix, kind, first_ts_ns, last_ts_ns) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?5) \
      ON CONFLICT (segment_id, batch, prefix) DO UPDATE SET kind = kind RETURNING id";
 const UPDATE_BATCH: &str = "UPDATE batches SET records = records + ?1, dropped = dropped + ?2, \
@@ -697,7 +717,10 @@ struct OpenBatch {
 
 impl<'c> TxWriter<'c> {
     fn new(conn: &'c Connection, db: &'c Path) -> Result<TxWriter<'c>> {
-        let prep = |sql| conn.prepare_cached(sql).map_err(sql_err("cannot prepare a statement on", db));
+        let prep = |sql| {
+            conn.prepare_cached(sql)
+                .map_err(sql_err("cannot prepare a statement on", db))
+        };
         Ok(TxWriter {
             conn,
             db,
@@ -710,14 +733,23 @@ impl<'c> TxWriter<'c> {
     }
 
     /// Applies one message; returns the rows inserted.
-    fn apply(&mut self, msg: Msg, segs: &mut [Pending], progress: &mut IndexProgress) -> Result<usize> {
+    fn apply(
+        &mut self,
+        msg: Msg,
+        segs: &mut [Pending],
+        progress: &mut IndexProgress,
+    ) -> Result<usize> {
         match msg {
             Msg::Failed(e) => Err(e),
             Msg::Done { seg } => {
                 self.write_segment(&mut segs[seg])?;
                 Ok(0)
             }
-            Msg::Damage { seg, resume_at, text } => {
+            Msg::Damage {
+                seg,
+                resume_at,
+                text,
+            } => {
                 // The reader resynchronised past the damage: the checkpoint
                 // moves with it, so the damage is counted once.
                 let p = &mut segs[seg];
@@ -787,7 +819,13 @@ impl<'c> TxWriter<'c> {
         }
     }
 
-    fn insert(&mut self, l: &Line<'_>, batch_id: i64, seg_id: i64, frame_offset: u64) -> Result<i64> {
+    fn insert(
+        &mut self,
+        l: &Line<'_>,
+        batch_id: i64,
+        seg_id: i64,
+        frame_offset: u64,
+    ) -> Result<i64> {
         self.insert
             .execute(params![
                 l.ts_ns,

@@ -379,7 +379,10 @@ mod tests {
         let l = parse_line(LOG).unwrap();
         assert_eq!(l.ts_ns, 1_796_314_801_123_456_789);
         assert_eq!((&*l.kind, l.batch, &*l.prefix), ("log", 7, "log:myapp::db"));
-        assert_eq!((&*l.name, l.level, l.line), ("myapp::db", Some(3), Some(42)));
+        assert_eq!(
+            (&*l.name, l.level, l.line),
+            ("myapp::db", Some(3), Some(42))
+        );
         assert_eq!(l.module.as_deref(), Some("myapp::db"));
         assert_eq!(l.file.as_deref(), Some("src/db.rs"));
         assert_eq!(l.message.as_deref(), Some("row \"written\"\n"));
@@ -431,7 +434,10 @@ mod tests {
             let fields = random_value(&mut rng, 3);
             let payload = random_value(&mut rng, 3);
             let msg: String = (0..rng.usize(0..12))
-                .map(|_| rng.choice(['a', '"', '\\', '}', ']', ',', 'é', '\n', '\u{1}', ' ']).unwrap())
+                .map(|_| {
+                    rng.choice(['a', '"', '\\', '}', ']', ',', 'é', '\n', '\u{1}', ' '])
+                        .unwrap()
+                })
                 .collect();
             let v = json!({"ts_ns": rng.i64(..), "kind": "log", "batch": rng.u64(..),
                 "prefix": msg.clone(), "message": msg, "fields": fields, "payload": payload});
@@ -445,7 +451,8 @@ mod tests {
             assert_eq!(&*l.prefix, v["prefix"].as_str().unwrap());
             assert_eq!(l.ts_ns, v["ts_ns"].as_i64().unwrap());
             // JSON null is stored as SQL NULL.
-            let back = |raw: Option<&str>| raw.map_or(Value::Null, |r| serde_json::from_str(r).unwrap());
+            let back =
+                |raw: Option<&str>| raw.map_or(Value::Null, |r| serde_json::from_str(r).unwrap());
             assert_eq!(back(l.fields), v["fields"]);
             assert_eq!(back(l.payload), v["payload"]);
         }
@@ -483,8 +490,16 @@ mod tests {
             1 => json!(rng.i64(..)),
             // Exactly representable, so the comparison tests the scanner, not float printing.
             2 => json!(f64::from(rng.i32(..)) / 4.0),
-            3 => Value::String((0..rng.usize(0..6)).map(|_| rng.choice(['x', '"', '\\', '{', 'ü']).unwrap()).collect()),
-            4 => Value::Array((0..rng.usize(0..3)).map(|_| random_value(rng, depth - 1)).collect()),
+            3 => Value::String(
+                (0..rng.usize(0..6))
+                    .map(|_| rng.choice(['x', '"', '\\', '{', 'ü']).unwrap())
+                    .collect(),
+            ),
+            4 => Value::Array(
+                (0..rng.usize(0..3))
+                    .map(|_| random_value(rng, depth - 1))
+                    .collect(),
+            ),
             _ => Value::Object(
                 (0..rng.usize(0..3))
                     .map(|i| (format!("k{i}\"}}"), random_value(rng, depth - 1)))
@@ -501,7 +516,7 @@ mod tests {
         let want = parse_line(&text).unwrap();
         assert_eq!(&*want.name, "myapp");
         let owned = OwnedLine::parse(text.clone()).unwrap();
-        let moved = vec![owned];
+        let moved = [owned];
         assert_eq!(moved[0].line(), want);
         assert!(OwnedLine::parse("[]".into()).is_err());
     }

@@ -53,7 +53,7 @@ pub use config::{
 };
 pub use indexer::{reindex, Index, IndexProgress, Lag};
 pub use query::{
-    IndexReader, IndexStats, Order, PrefixIndexStats, Query, QueryRecord, RecordBody,
+    IndexReader, IndexStats, OnRow, Order, PrefixIndexStats, Query, QueryRecord, RecordBody,
     DEFAULT_QUERY_LIMIT,
 };
 pub use schema::{INDEX_FILE, SCHEMA_VERSION};

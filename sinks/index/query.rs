@@ -146,6 +146,10 @@ pub enum RecordBody {
     Event { name: String, payload: Value },
 }
 
+/// What [`IndexReader::sql`] calls for each row: the column names and the
+/// row's values.
+pub type OnRow<'a> = dyn FnMut(&[String], Vec<Value>) -> Result<()> + 'a;
+
 /// A read-only view of `DIR/index.db`, for the CLI and other processes.
 pub struct IndexReader {
     conn: Connection,
@@ -195,11 +199,7 @@ impl IndexReader {
     /// names and each row (as JSON values: integers, reals, text; blobs as
     /// `x'..'` hex text). A statement that would write is refused before it
     /// runs; the connection is read-only as well.
-    pub fn sql(
-        &self,
-        sql: &str,
-        on_row: &mut dyn FnMut(&[String], Vec<Value>) -> Result<()>,
-    ) -> Result<Vec<String>> {
+    pub fn sql(&self, sql: &str, on_row: &mut OnRow<'_>) -> Result<Vec<String>> {
         let path = &self.db_path;
         let mut stmt = self.conn.prepare(sql).map_err(|e| match e {
             rusqlite::Error::MultipleStatement => Error::Other(
@@ -216,8 +216,13 @@ impl IndexReader {
         }
         let columns: Vec<String> = stmt.column_names().iter().map(|c| c.to_string()).collect();
         let n = columns.len();
-        let mut rows = stmt.query([]).map_err(sql_err("cannot run the query on", path))?;
-        while let Some(row) = rows.next().map_err(sql_err("cannot run the query on", path))? {
+        let mut rows = stmt
+            .query([])
+            .map_err(sql_err("cannot run the query on", path))?;
+        while let Some(row) = rows
+            .next()
+            .map_err(sql_err("cannot run the query on", path))?
+        {
             let mut values = Vec::with_capacity(n);
             for i in 0..n {
                 let v = row
@@ -308,13 +313,29 @@ pub(crate) fn stats(conn: &Connection, db_path: &Path, data_dir: &Path) -> Resul
             s.prefixes.insert(r.get(0).map_err(err())?, p);
         }
     }
-    let (records, raw, compressed, damaged, first, last): (i64, i64, i64, i64, Option<i64>, Option<i64>) = conn
+    let (records, raw, compressed, damaged, first, last): (
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<i64>,
+    ) = conn
         .query_row(
             "SELECT coalesce(sum(records), 0), coalesce(sum(raw_bytes), 0), \
              coalesce(sum(checkpoint), 0), coalesce(sum(damaged), 0), min(first_ts_ns), \
              max(last_ts_ns) FROM segments",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
         )
         .map_err(err())?;
     s.records = records.max(0) as u64;
@@ -413,10 +434,19 @@ pub(crate) fn run_query(conn: &Connection, db_path: &Path, q: &Query) -> Result<
         },
     };
     if let Some(text) = q.prefix.as_deref() {
-        if let Some(p) = pattern.as_ref().filter(|_| text.split(':').any(|seg| seg == "*")) {
+        if let Some(p) = pattern
+            .as_ref()
+            .filter(|_| text.split(':').any(|seg| seg == "*"))
+        {
             let glob = text
                 .split(':')
-                .map(|seg| if seg == "*" { "*".to_string() } else { glob_escape(seg) })
+                .map(|seg| {
+                    if seg == "*" {
+                        "*".to_string()
+                    } else {
+                        glob_escape(seg)
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join(":");
             f.and(
@@ -482,7 +512,11 @@ pub(crate) fn run_query(conn: &Connection, db_path: &Path, q: &Query) -> Result<
             let bound = if cmp == "<" { "<=" } else { ">=" };
             page_filter.and(
                 &format!("r.ts_ns {bound} ? AND (r.ts_ns {cmp} ? OR r.id {cmp} ?)"),
-                [SqlValue::Integer(ts), SqlValue::Integer(ts), SqlValue::Integer(id)],
+                [
+                    SqlValue::Integer(ts),
+                    SqlValue::Integer(ts),
+                    SqlValue::Integer(id),
+                ],
             );
         }
         let limit_sql = if page.is_some() { " LIMIT ?" } else { "" };

@@ -48,6 +48,8 @@ pub struct IndexerStatus {
     pub damaged_frames: u64,
     /// Lines that could not be indexed.
     pub bad_lines: u64,
+    /// The latest damaged frame or unreadable line, with file and offset.
+    pub last_problem: Option<String>,
     /// How far behind the segments the index was after the last pass.
     pub lag: Lag,
 }
@@ -240,7 +242,7 @@ fn run(shared: &Shared, data_dir: &Path, config: &IndexConfig) {
                 st.status.errors += 1;
                 st.status.last_error = Some(text.clone());
                 if st.status.healthy || st.status.errors == 1 {
-                    eprintln!("spillway: cannot index into {text}; retrying in the background");
+                    eprintln!("spillway: indexer: {text}; the segments keep everything, retrying in the background");
                 }
                 st.status.healthy = false;
                 st.finished_error = Some(text);
@@ -270,7 +272,12 @@ fn run(shared: &Shared, data_dir: &Path, config: &IndexConfig) {
 }
 
 /// Opens the index if needed and runs one pass; returns the lag after it.
-fn pass(shared: &Shared, data_dir: &Path, config: &IndexConfig, index: &mut Option<Index>) -> Result<Lag> {
+fn pass(
+    shared: &Shared,
+    data_dir: &Path,
+    config: &IndexConfig,
+    index: &mut Option<Index>,
+) -> Result<Lag> {
     let idx = match index {
         Some(i) => i,
         None => index.insert(Index::open_with(data_dir, config)?),
@@ -282,13 +289,15 @@ fn pass(shared: &Shared, data_dir: &Path, config: &IndexConfig, index: &mut Opti
         st.status.transactions += p.transactions - committed.1;
         committed = (p.records, p.transactions);
     })?;
-    {
+    if let Some(first) = progress.problems.first() {
         let mut st = shared.lock();
         st.status.damaged_frames += progress.damaged_frames;
         st.status.bad_lines += progress.bad_lines;
-        for p in &progress.problems {
-            eprintln!("spillway: indexer: {p}");
-        }
+        st.status.last_problem = Some(first.clone());
+        eprintln!(
+            "spillway: indexer skipped {} damaged frames and {} unreadable lines (first: {first})",
+            progress.damaged_frames, progress.bad_lines
+        );
     }
     idx.lag()
 }
