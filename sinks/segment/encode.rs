@@ -236,25 +236,16 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::layer::budget::{Budget, Reservation};
     use crate::layer::record::{Level, RecordKind};
+    use crate::sinks::segment::test_support::event_batch;
 
     fn batch(kind: RecordKind, records: Records) -> Batch {
-        let budget = Budget::new(1 << 20);
-        Batch {
-            id: 9,
-            prefix: Arc::from("data:users"),
-            kind,
-            records,
-            dropped: 0,
-            dropped_since_ns: None,
-            first_ts_ns: 1_000,
-            last_ts_ns: 2_000,
-            persist: true,
-            urgent: false,
-            summary: None,
-            _reservation: Reservation::new(&budget, 0),
-        }
+        let mut b = event_batch(9, 0, 0);
+        b.kind = kind;
+        b.records = records;
+        b.first_ts_ns = 1_000;
+        b.last_ts_ns = 2_000;
+        b
     }
 
     fn lines(out: &[u8]) -> Vec<Value> {

@@ -178,6 +178,43 @@ pub(crate) fn create_dir_private(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("cannot create directory", dir, e))
 }
 
+/// Batches for unit tests, built without an engine.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use crate::layer::budget::{Budget, Reservation};
+    use crate::layer::record::{Batch, BusEvent, RecordKind, Records};
+
+    /// An event batch `id` of `n` events `data:users:created` whose payloads
+    /// are `{"id": first + i}`.
+    pub(crate) fn event_batch(id: u64, first: u64, n: u64) -> Batch {
+        let events = (first..first + n)
+            .map(|i| BusEvent {
+                name: "data:users:created".into(),
+                payload: Arc::new(json!({ "id": i, "pad": "x".repeat(40) })),
+                ts_ns: 1_000 + i as i64,
+            })
+            .collect();
+        Batch {
+            id,
+            prefix: Arc::from("data:users"),
+            kind: RecordKind::Event,
+            records: Records::Events(events),
+            dropped: 0,
+            dropped_since_ns: None,
+            first_ts_ns: 1_000 + first as i64,
+            last_ts_ns: 1_000 + (first + n) as i64,
+            persist: true,
+            urgent: false,
+            summary: None,
+            _reservation: Reservation::new(&Budget::new(1 << 20), 0),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

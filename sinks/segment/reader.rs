@@ -2,7 +2,8 @@
 //! directory.
 //!
 //! [`FrameReader`] walks the zstd frames of one file from a byte offset. Each
-//! frame is decompressed, its checksum verified, and its content split into
+//! frame must carry a content checksum (the writer always sets it); it is
+//! decompressed, the checksum verified, and its content split into
 //! lines, every one of which must be a JSON object; a frame that fails any of
 //! this is reported once as [`Damage`] (file, byte offset, reason) and the
 //! reader resynchronises at the next zstd frame that decodes. A trailing
@@ -283,19 +284,19 @@ impl FrameReader {
             self.buf_start += consumed as u64;
         }
         let old = self.buf.len();
-        self.buf.resize(old + READ_CHUNK, 0);
-        let n = loop {
-            match self.file.read(&mut self.buf[old..]) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.buf.truncate(old);
-                    return Err(e);
-                }
+        self.buf.reserve(READ_CHUNK);
+        // `read_to_end` on a `Take` reads into spare capacity without zeroing
+        // it first, and retries on EINTR.
+        match (&mut self.file)
+            .take(READ_CHUNK as u64)
+            .read_to_end(&mut self.buf)
+        {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.buf.truncate(old);
+                Err(e)
             }
-        };
-        self.buf.truncate(old + n);
-        Ok(n)
+        }
     }
 
     /// What lies at offset `at` (reading more of the file as needed).
@@ -375,6 +376,11 @@ fn decode_frame(
     out: &mut Vec<u8>,
     frame: &[u8],
 ) -> std::result::Result<Vec<String>, String> {
+    // Frame header descriptor, bit 2: Content_Checksum_flag. Without the
+    // checksum, damage inside the frame could decode to plausible garbage.
+    if frame.get(4).is_none_or(|fhd| fhd & 0x04 == 0) {
+        return Err("frame has no content checksum".into());
+    }
     decoder
         .reinit()
         .map_err(|e| format!("zstd reset failed: {e}"))?;
@@ -861,6 +867,21 @@ mod tests {
         assert_eq!(d.offset, (a.len() + b.len()) as u64);
         assert!(d.reason.contains("(10 bytes skipped)"), "{d}");
         assert_eq!(got[3].as_ref().expect("c").lines, [r#"{"n":3}"#]);
+    }
+
+    // Catches frames without a checksum being trusted: damage inside them
+    // could decode to plausible but wrong records.
+    #[test]
+    fn a_frame_without_a_checksum_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = zstd::bulk::compress(b"{\"n\":1}\n", 1).expect("compress");
+        let b = frame(&[r#"{"n":2}"#]);
+        let path = write(dir.path(), &[&plain, &b]);
+        let got = all(&mut FrameReader::open(&path, 0).expect("open"));
+        assert_eq!(got.len(), 2, "{got:?}");
+        let d = got[0].as_ref().expect_err("no checksum");
+        assert!(d.reason.contains("no content checksum"), "{d}");
+        assert_eq!(got[1].as_ref().expect("b").lines, [r#"{"n":2}"#]);
     }
 
     // Catches garbage at the very end being waited for as if it were a frame.

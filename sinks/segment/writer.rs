@@ -162,24 +162,25 @@ impl SegmentSink {
     /// `all`, otherwise only while a full `max_frame_bytes` is waiting.
     fn emit(&mut self, i: usize, all: bool) -> Result<()> {
         let max = self.config.max_frame_bytes;
+        let pending = std::mem::take(&mut self.streams[i].pending);
         let mut done = 0;
         let mut result = Ok(());
         loop {
-            let rest = &self.streams[i].pending[done..];
+            let rest = &pending[done..];
             if rest.is_empty() || (!all && rest.len() < max) {
                 break;
             }
             let cut = frame_cut(rest, max);
-            let frame = self.streams[i].pending[done..done + cut].to_vec();
             done += cut;
             // A frame that cannot be written is dropped (the engine counts
             // the error); keeping it would grow memory on a full disk.
-            if let Err(e) = self.write_frame(i, &frame) {
+            if let Err(e) = self.write_frame(i, &rest[..cut]) {
                 result = Err(e);
                 break;
             }
         }
         let w = &mut self.streams[i];
+        w.pending = pending;
         w.pending.drain(..done);
         if w.pending.is_empty() {
             w.pending_since = None;
@@ -458,6 +459,12 @@ fn repair_tail(path: &Path, durability: Durability) -> Result<Option<Damage>> {
     }
     let len = reader.file_len()?;
     drop(reader);
+    if len == 0 {
+        // Created by a process that died before its first frame: nothing
+        // lost, but an empty file is not a valid zstd stream for every tool.
+        fs::remove_file(path).map_err(|e| Error::io("cannot remove empty segment", path, e))?;
+        return Ok(None);
+    }
     if len <= good_end {
         return Ok(None);
     }
@@ -493,7 +500,302 @@ fn repair_tail(path: &Path, durability: Durability) -> Result<Option<Damage>> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
+    use crate::sinks::segment::config::{DEFAULT_MAX_FRAME_DELAY, DEFAULT_ROTATE_AGE};
+    use crate::sinks::segment::reader::SegmentReader;
+    use crate::sinks::segment::test_support::event_batch;
+
+    fn config() -> SegmentConfig {
+        SegmentConfig {
+            max_frame_bytes: 1 << 20,
+            retain_bytes: 0,
+            retain_age: Duration::ZERO,
+            ..SegmentConfig::default()
+        }
+    }
+
+    fn event_files(dir: &Path) -> Vec<PathBuf> {
+        list_stream(dir, Stream::Events).expect("list")
+    }
+
+    /// The `id` of every record under `dir`, in reading order; panics on damage.
+    fn ids(dir: &Path) -> Vec<u64> {
+        let mut out = Vec::new();
+        for item in SegmentReader::open(dir).expect("reader") {
+            let frame = item.expect("read").into_frame().expect("no damage");
+            for l in frame.lines {
+                let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+                out.push(v["payload"]["id"].as_u64().expect("id"));
+            }
+        }
+        out
+    }
+
+    // Catches batches that sit in memory past max_frame_delay (kill -9 would
+    // lose more than promised), or that are written before it without need.
+    #[test]
+    fn a_frame_is_written_when_its_delay_has_passed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sink = SegmentSink::open(dir.path(), config()).expect("open");
+        sink.write_batch(&event_batch(1, 0, 3)).expect("write");
+        let t0 = Instant::now();
+        sink.tick(t0).expect("tick");
+        assert!(ids(dir.path()).is_empty(), "written before its delay");
+        sink.tick(t0 + DEFAULT_MAX_FRAME_DELAY).expect("tick");
+        assert_eq!(ids(dir.path()), [0, 1, 2]);
+    }
+
+    // Catches a frame cap that is ignored (frames would grow without bound
+    // and a crash would lose all of them).
+    #[test]
+    fn a_full_frame_is_written_at_once_in_whole_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = SegmentConfig {
+            max_frame_bytes: 1000,
+            ..config()
+        };
+        let mut sink = SegmentSink::open(dir.path(), cfg).expect("open");
+        sink.write_batch(&event_batch(1, 0, 50)).expect("write");
+        let mut reader = FrameReader::open(&event_files(dir.path())[0], 0).expect("reader");
+        let frames: Vec<_> = std::iter::from_fn(|| reader.next_frame())
+            .map(|f| f.expect("frame"))
+            .collect();
+        assert!(frames.len() >= 5, "{} frames", frames.len());
+        sink.flush().expect("flush");
+        assert_eq!(ids(dir.path()), (0..50).collect::<Vec<_>>());
+    }
+
+    // Catches rotation by size not happening (one file grows forever) or
+    // splitting records across files.
+    #[test]
+    fn files_rotate_by_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = SegmentConfig {
+            rotate_bytes: 2000,
+            ..config()
+        };
+        let mut sink = SegmentSink::open(dir.path(), cfg).expect("open");
+        for b in 0..20 {
+            sink.write_batch(&event_batch(b, b * 10, 10))
+                .expect("write");
+            sink.flush().expect("flush");
+        }
+        let files = event_files(dir.path());
+        assert!(files.len() >= 3, "{files:?}");
+        for f in &files[..files.len() - 1] {
+            let len = fs::metadata(f).expect("stat").len();
+            assert!(len >= 2000, "sealed before its size: {len}");
+        }
+        assert_eq!(ids(dir.path()), (0..200).collect::<Vec<_>>());
+    }
+
+    // Catches rotation by age not happening (the clock is injected through
+    // `tick`, so no sleeping).
+    #[test]
+    fn files_rotate_by_age() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sink = SegmentSink::open(dir.path(), config()).expect("open");
+        sink.write_batch(&event_batch(1, 0, 5)).expect("write");
+        sink.flush().expect("flush");
+        let now = Instant::now();
+        sink.tick(now).expect("tick");
+        sink.write_batch(&event_batch(2, 5, 5)).expect("write");
+        sink.flush().expect("flush");
+        assert_eq!(event_files(dir.path()).len(), 1, "rotated too early");
+        sink.tick(now + DEFAULT_ROTATE_AGE).expect("tick");
+        sink.write_batch(&event_batch(3, 10, 5)).expect("write");
+        sink.flush().expect("flush");
+        assert_eq!(event_files(dir.path()).len(), 2);
+        assert_eq!(ids(dir.path()), (0..15).collect::<Vec<_>>());
+    }
+
+    // Catches retention that deletes the newest data instead of the oldest,
+    // that never runs, or that deletes the file being written.
+    #[test]
+    fn retention_by_size_deletes_the_oldest_files_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = SegmentConfig {
+            rotate_bytes: 1500,
+            retain_bytes: 5000,
+            ..config()
+        };
+        let mut sink = SegmentSink::open(dir.path(), cfg).expect("open");
+        for b in 0..40 {
+            sink.write_batch(&event_batch(b, b * 10, 10))
+                .expect("write");
+            sink.flush().expect("flush");
+        }
+        // Retention runs at each rotation, when no file is open: the sealed
+        // files stay within the limit; the file being written comes on top.
+        let current = sink.current_files();
+        let sealed: u64 = event_files(dir.path())
+            .iter()
+            .filter(|f| !current.contains(f))
+            .map(|f| fs::metadata(f).expect("stat").len())
+            .sum();
+        assert!(sealed <= 5000, "{sealed} bytes kept");
+        let kept = ids(dir.path());
+        let first = kept[0];
+        assert!(first > 0, "nothing was deleted");
+        assert_eq!(kept, (first..400).collect::<Vec<_>>(), "a suffix is kept");
+        assert!(current.iter().all(|f| f.exists()));
+    }
+
+    // Catches age-based retention that never runs, or that deletes the file
+    // being written even when its last write is old.
+    #[test]
+    fn retention_by_age_deletes_old_sealed_files_but_not_the_current_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = SegmentConfig {
+            retain_age: Duration::from_secs(3600),
+            ..config()
+        };
+        let mut sink = SegmentSink::open(dir.path(), cfg).expect("open");
+        for b in 0..3 {
+            sink.write_batch(&event_batch(b, b * 10, 10))
+                .expect("write");
+            sink.flush().expect("flush");
+            sink.tick(Instant::now() + DEFAULT_ROTATE_AGE)
+                .expect("rotate");
+        }
+        sink.write_batch(&event_batch(3, 30, 10)).expect("write");
+        sink.flush().expect("flush");
+        let files = event_files(dir.path());
+        assert_eq!(files.len(), 4, "{files:?}");
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        for f in [&files[0], &files[3]] {
+            let file = OpenOptions::new().write(true).open(f).expect("open");
+            file.set_modified(old).expect("set mtime");
+        }
+        sink.tick(Instant::now() + RETENTION_INTERVAL)
+            .expect("tick");
+        let left = event_files(dir.path());
+        assert_eq!(left, files[1..].to_vec(), "only the old sealed file goes");
+        assert_eq!(ids(dir.path()), (10..40).collect::<Vec<_>>());
+    }
+
+    /// Writes two batches as two frames and returns the file and its length.
+    fn two_frames(dir: &Path) -> (PathBuf, u64) {
+        let mut sink = SegmentSink::open(dir, config()).expect("open");
+        sink.write_batch(&event_batch(1, 0, 5)).expect("write");
+        sink.flush().expect("flush");
+        sink.write_batch(&event_batch(2, 5, 5)).expect("write");
+        sink.flush().expect("flush");
+        drop(sink);
+        let file = event_files(dir).pop().expect("file");
+        let len = fs::metadata(&file).expect("stat").len();
+        (file, len)
+    }
+
+    // Catches a torn tail left in place (readers would report it forever, and
+    // new frames appended after it would be unreadable to plain zstd).
+    #[test]
+    fn open_cuts_an_incomplete_trailing_frame_and_starts_a_new_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, len) = two_frames(dir.path());
+        let mut extra = Vec::new();
+        let mut c = zstd::bulk::Compressor::new(1).expect("zstd");
+        c.set_parameter(zstd_safe::CParameter::ChecksumFlag(true))
+            .expect("checksum");
+        let frame = c.compress(&[b'{'; 4000]).expect("compress");
+        extra.extend_from_slice(&frame[..frame.len() / 2]);
+        OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .and_then(|mut f| f.write_all(&extra))
+            .expect("append torn frame");
+
+        let mut sink = SegmentSink::open(dir.path(), config()).expect("reopen");
+        let rec = sink.recovered().to_vec();
+        assert_eq!(rec.len(), 1, "{rec:?}");
+        assert_eq!((rec[0].path.clone(), rec[0].offset), (file.clone(), len));
+        assert_eq!(fs::metadata(&file).expect("stat").len(), len);
+        sink.write_batch(&event_batch(3, 10, 5)).expect("write");
+        sink.flush().expect("flush");
+        assert_eq!(
+            event_files(dir.path()).len(),
+            2,
+            "new frames go to a new file"
+        );
+        assert_eq!(ids(dir.path()), (0..15).collect::<Vec<_>>());
+    }
+
+    // Catches a last frame with a bad checksum being kept (it is the torn
+    // tail of a crash that wrote the length but not all the data).
+    #[test]
+    fn open_cuts_a_last_frame_that_fails_its_checksum() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, len) = two_frames(dir.path());
+        let mut bytes = fs::read(&file).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xFF;
+        fs::write(&file, &bytes).expect("write");
+        let first_end = FrameReader::open(&file, 0)
+            .expect("reader")
+            .next_frame()
+            .expect("frame")
+            .expect("valid")
+            .end;
+        assert!(first_end < len);
+
+        let sink = SegmentSink::open(dir.path(), config()).expect("reopen");
+        assert_eq!(sink.recovered().len(), 1);
+        assert_eq!(sink.recovered()[0].offset, first_end);
+        assert_eq!(fs::metadata(&file).expect("stat").len(), first_end);
+        assert_eq!(ids(dir.path()), (0..5).collect::<Vec<_>>());
+    }
+
+    // Catches a file holding only a torn frame being kept as an empty or
+    // unreadable segment.
+    #[test]
+    fn open_removes_a_file_that_holds_only_a_torn_frame() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, _) = two_frames(dir.path());
+        let torn = dir.path().join("segments/events").join(segment_file_name(
+            Stream::Events,
+            now_ns() + 1_000_000_000,
+            999,
+        ));
+        let bytes = fs::read(&file).expect("read");
+        fs::write(&torn, &bytes[..bytes.len() / 3]).expect("write");
+        let sink = SegmentSink::open(dir.path(), config()).expect("reopen");
+        assert_eq!(sink.recovered().len(), 1);
+        assert!(!torn.exists());
+        assert!(file.exists());
+    }
+
+    // Catches an empty file (a crash between create and first write) being
+    // left for tools that refuse empty zstd input.
+    #[test]
+    fn open_removes_an_empty_newest_file_without_reporting_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, _) = two_frames(dir.path());
+        let empty = file.with_file_name(segment_file_name(
+            Stream::Events,
+            now_ns() + 1_000_000_000,
+            998,
+        ));
+        fs::write(&empty, b"").expect("create empty");
+        let sink = SegmentSink::open(dir.path(), config()).expect("reopen");
+        assert!(sink.recovered().is_empty());
+        assert!(!empty.exists() && file.exists());
+    }
+
+    // Catches a frame with a bad checksum in the middle being "repaired" by
+    // cutting good frames after it (recovery must only cut the tail).
+    #[test]
+    fn open_leaves_damage_in_the_middle_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, len) = two_frames(dir.path());
+        let mut bytes = fs::read(&file).expect("read");
+        bytes[10] ^= 0xFF;
+        fs::write(&file, &bytes).expect("write");
+        let sink = SegmentSink::open(dir.path(), config()).expect("reopen");
+        assert!(sink.recovered().is_empty(), "{:?}", sink.recovered());
+        assert_eq!(fs::metadata(&file).expect("stat").len(), len);
+    }
 
     // Catches frames split inside a line (a reader would see half a JSON object).
     #[test]
