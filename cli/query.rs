@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use spillway::sinks::index::{IndexReader, Order, Query, QueryRecord, RecordBody};
 
-use crate::tail::{parse_level, parse_since};
+use super::tail::{parse_level, parse_since};
 
 /// Arguments of `spillway query`.
 #[derive(clap::Args, Debug)]
@@ -56,6 +56,14 @@ fn parse_field(text: &str) -> Result<(String, String), String> {
 
 /// Runs `spillway query`.
 pub fn run(args: &QueryArgs) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    run_with(args, &mut out, &mut std::io::stderr())?;
+    out.flush().context("cannot write to stdout")
+}
+
+/// Runs `spillway query`, writing records to `out` and notes to `err`.
+pub fn run_with(args: &QueryArgs, out: &mut dyn Write, err: &mut dyn Write) -> Result<()> {
     let query = Query {
         since: args.since.as_deref().map(parse_since).transpose()?,
         until: args.until.as_deref().map(parse_since).transpose()?,
@@ -71,20 +79,19 @@ pub fn run(args: &QueryArgs) -> Result<()> {
     records.reverse(); // the newest N, printed oldest first
     if let Ok(lag) = reader.lag() {
         if lag.bytes > 0 {
-            eprintln!(
+            writeln!(
+                err,
                 "note: the index is {} bytes ({} files) behind the segments; a running \
                  service catches up, else run `spillway reindex {}`",
                 lag.bytes,
                 lag.segments,
                 args.dir.display()
-            );
+            )?;
         }
     }
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
     if args.json {
         for r in &records {
-            serde_json::to_writer(&mut out, r)?;
+            serde_json::to_writer(&mut *out, r)?;
             out.write_all(b"\n")?;
         }
     } else {
@@ -92,9 +99,9 @@ pub fn run(args: &QueryArgs) -> Result<()> {
         for r in &records {
             table.row(row(r));
         }
-        table.print(&mut out)?;
+        table.print(out)?;
     }
-    out.flush().context("cannot write to stdout")
+    Ok(())
 }
 
 /// The table cells of a record: logs show their message and fields, events

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use spillway::sinks::index::IndexReader;
 
-use crate::query::Table;
+use super::query::Table;
 
 /// Arguments of `spillway sql`.
 #[derive(clap::Args, Debug)]
@@ -27,14 +27,18 @@ pub struct SqlArgs {
 
 /// Runs `spillway sql`.
 pub fn run(args: &SqlArgs) -> Result<()> {
-    let reader = IndexReader::open(&args.dir)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    run_with(args, &mut out)?;
+    out.flush().context("cannot write to stdout")
+}
+
+/// Runs `spillway sql`, writing rows to `out`.
+pub fn run_with(args: &SqlArgs, out: &mut dyn Write) -> Result<()> {
+    let reader = IndexReader::open(&args.dir)?;
     if args.json {
         reader.sql(&args.query, &mut |columns, row| {
-            let obj: serde_json::Map<String, Value> = columns.iter().cloned().zip(row).collect();
-            serde_json::to_writer(&mut out, &obj)
-                .and_then(|()| out.write_all(b"\n").map_err(serde_json::Error::io))
+            object_line(columns, &row, &mut *out)
                 .map_err(|e| spillway::Error::Other(format!("cannot write to stdout: {e}")))
         })?;
     } else {
@@ -47,9 +51,23 @@ pub fn run(args: &SqlArgs) -> Result<()> {
         for row in rows {
             table.row(row.into_iter().map(cell).collect());
         }
-        table.print(&mut out)?;
+        table.print(out)?;
     }
-    out.flush().context("cannot write to stdout")
+    Ok(())
+}
+
+/// One row as a JSON object on one line, keys in column order.
+fn object_line(columns: &[String], row: &[Value], out: &mut dyn Write) -> std::io::Result<()> {
+    out.write_all(b"{")?;
+    for (i, (k, v)) in columns.iter().zip(row).enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut *out, k)?;
+        out.write_all(b":")?;
+        serde_json::to_writer(&mut *out, v)?;
+    }
+    out.write_all(b"}\n")
 }
 
 fn cell(v: Value) -> String {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use spillway::rfc3339;
 use spillway::sinks::index::{IndexReader, IndexStats};
 
-use crate::query::Table;
+use super::query::Table;
 
 /// Arguments of `spillway stats`.
 #[derive(clap::Args, Debug)]
@@ -22,16 +22,22 @@ pub struct StatsArgs {
 
 /// Runs `spillway stats`.
 pub fn run(args: &StatsArgs) -> Result<()> {
-    let stats = IndexReader::open(&args.dir)?.stats()?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    run_with(args, &mut out)?;
+    out.flush().context("cannot write to stdout")
+}
+
+/// Runs `spillway stats`, writing to `out`.
+pub fn run_with(args: &StatsArgs, out: &mut dyn Write) -> Result<()> {
+    let stats = IndexReader::open(&args.dir)?.stats()?;
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &stats)?;
+        serde_json::to_writer_pretty(&mut *out, &stats)?;
         writeln!(out)?;
     } else {
-        write_text(&mut out, &stats)?;
+        write_text(out, &stats)?;
     }
-    out.flush().context("cannot write to stdout")
+    Ok(())
 }
 
 fn write_text(out: &mut dyn Write, s: &IndexStats) -> std::io::Result<()> {

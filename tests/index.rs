@@ -1235,3 +1235,121 @@ fn bench_index() {
     }
     assert!(!seen.is_empty());
 }
+
+// ---------------------------------------------------------------- CLI
+
+// The CLI's commands, compiled into this test binary from their sources.
+#[allow(dead_code)]
+#[path = "../cli/query.rs"]
+mod query;
+#[allow(dead_code)]
+#[path = "../cli/sql.rs"]
+mod sql;
+#[allow(dead_code)]
+#[path = "../cli/stats.rs"]
+mod stats;
+// `query` reaches `super::tail` as in the binary; tests/segments.rs keeps
+// its own private copy of `tail`, hence the second load.
+#[allow(dead_code, clippy::duplicate_mod)]
+#[path = "../cli/tail.rs"]
+mod tail;
+
+/// Parses a subcommand's arguments as the CLI does.
+fn cli_args<A: clap::Args>(argv: &[&str]) -> A {
+    #[derive(clap::Parser)]
+    struct Cli<A: clap::Args> {
+        #[command(flatten)]
+        args: A,
+    }
+    use clap::Parser;
+    Cli::<A>::try_parse_from(std::iter::once("spillway").chain(argv.iter().copied()))
+        .expect("valid arguments")
+        .args
+}
+
+// Catches `spillway query` flags not reaching the query, `--json` not
+// printing the segment format, and a table whose rows are out of order.
+#[test]
+fn cli_query_prints_json_lines_or_an_ordered_table() {
+    let dir = query_fixture();
+    let d = dir.path().to_str().unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let args: query::QueryArgs = cli_args(&[d, "--level", "warn", "--since", "10m", "--json"]);
+    query::run_with(&args, &mut out, &mut err).unwrap();
+    let lines: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let levels: Vec<&str> = lines.iter().map(|l| l["level"].as_str().unwrap()).collect();
+    assert_eq!(levels, ["WARN", "WARN", "ERROR"], "oldest first");
+    assert_eq!(lines[1]["message"], "slow query");
+    assert_eq!(lines[1]["fields"], json!({"user_id": 7, "ms": 250}));
+    assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
+
+    let mut out = Vec::new();
+    let args: query::QueryArgs =
+        cli_args(&[d, "--prefix", "data:*", "--field", "id=2", "--limit", "5"]);
+    query::run_with(&args, &mut out, &mut Vec::new()).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows[0].starts_with("TIME ") && rows[1].contains("data:users:deleted"),
+        "{text}"
+    );
+    assert_eq!(
+        rows[0].find("PREFIX"),
+        rows[1].find("data:users "),
+        "aligned: {text}"
+    );
+
+    let args: query::QueryArgs = cli_args(&[d, "--level", "loud"]);
+    let e = query::run_with(&args, &mut Vec::new(), &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("loud"), "{e}");
+}
+
+// Catches `spillway sql` writing through the CLI, and rows printed without
+// their column names.
+#[test]
+fn cli_sql_prints_rows_and_refuses_writes() {
+    let dir = query_fixture();
+    let d = dir.path().to_str().unwrap();
+    let mut out = Vec::new();
+    let args: sql::SqlArgs = cli_args(&[d, "SELECT name, json_extract(payload, '$.id') AS id FROM events WHERE name LIKE 'data:%' ORDER BY ts_ns", "--json"]);
+    sql::run_with(&args, &mut out).unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "{\"name\":\"data:users:created\",\"id\":1}\n{\"name\":\"data:users:deleted\",\"id\":2}\n"
+    );
+    let args: sql::SqlArgs = cli_args(&[d, "DROP TABLE records"]);
+    let e = sql::run_with(&args, &mut Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    assert_eq!(count(dir.path(), "SELECT count(*) FROM records"), 10);
+}
+
+// Catches `spillway stats` losing prefixes or the drop count.
+#[test]
+fn cli_stats_prints_prefixes_and_drops() {
+    let dir = query_fixture();
+    let d = dir.path().to_str().unwrap();
+    let mut out = Vec::new();
+    stats::run_with(&cli_args(&[d]), &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains("5 dropped"), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("data:users"))
+        .expect(&text);
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cells[1..4],
+        ["2", "2", "5"],
+        "records, batches, dropped: {text}"
+    );
+    let mut out = Vec::new();
+    stats::run_with(&cli_args(&[d, "--json"]), &mut out).unwrap();
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["prefixes"]["log:myapp::db"]["records"], 2);
+    assert_eq!(v["lag"]["bytes"], 0);
+}
