@@ -31,7 +31,8 @@ pub struct TailArgs {
     /// A data directory (the one containing `segments/`), a stream folder
     /// (`DIR/segments/logs`) or a segment file [default: ./spillway-data].
     pub path: Option<PathBuf>,
-    /// Keep waiting for new records and new segment files, like `tail -f`.
+    /// Keep waiting for new records and new segment files, like `tail -f`
+    /// (given a single file, follow that file only).
     #[arg(short, long)]
     pub follow: bool,
     /// Only log records at this level or more severe: trace, debug, info,

@@ -53,11 +53,14 @@ pub fn encode_batch(batch: &Batch, out: &mut Vec<u8>) {
         batch: batch.id,
         prefix: &batch.prefix,
     };
+    let mut ts = TsText::default();
     if let Some(notice) = batch.drop_notice() {
+        let ts = ts.format(notice.ts_ns);
         ctx.write(
             out,
             &LogLine {
                 ctx: &ctx,
+                ts,
                 rec: &notice,
             },
         );
@@ -65,16 +68,19 @@ pub fn encode_batch(batch: &Batch, out: &mut Vec<u8>) {
     match &batch.records {
         Records::Logs(logs) => {
             for rec in logs {
-                ctx.write(out, &LogLine { ctx: &ctx, rec });
+                let ts = ts.format(rec.ts_ns);
+                ctx.write(out, &LogLine { ctx: &ctx, ts, rec });
             }
         }
         Records::Events(events) => {
             let kind = batch.kind.as_str();
             for ev in events {
+                let ts = ts.format(ev.ts_ns);
                 ctx.write(
                     out,
                     &EventLine {
                         ctx: &ctx,
+                        ts,
                         kind,
                         ev,
                     },
@@ -88,11 +94,44 @@ pub fn encode_batch(batch: &Batch, out: &mut Vec<u8>) {
             out,
             &SummaryLine {
                 ctx: &ctx,
+                ts: ts.format(batch.last_ts_ns),
                 ts_ns: batch.last_ts_ns,
                 name: batch.batch_name(),
                 payload: &payload,
             },
         );
+    }
+}
+
+/// RFC 3339 text of timestamps, reusing the date and time of day while the
+/// second stays the same (records of a batch mostly share it): formatting
+/// the full date for every line was a tenth of the writer's time.
+#[derive(Default)]
+struct TsText {
+    secs: Option<i64>,
+    text: String,
+}
+
+impl TsText {
+    fn format(&mut self, ts_ns: i64) -> &str {
+        let secs = ts_ns.div_euclid(1_000_000_000);
+        let mut nanos = ts_ns.rem_euclid(1_000_000_000);
+        if self.secs != Some(secs) {
+            self.secs = Some(secs);
+            self.text = rfc3339(ts_ns);
+            return &self.text;
+        }
+        // `rfc3339` ends in `.nnnnnnnnnZ`: replace the nine digits.
+        let prefix = self.text.len().saturating_sub(10);
+        self.text.truncate(prefix);
+        let mut digits = [b'0'; 9];
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (nanos % 10) as u8;
+            nanos /= 10;
+        }
+        self.text.extend(digits.iter().map(|d| char::from(*d)));
+        self.text.push('Z');
+        &self.text
     }
 }
 
@@ -117,6 +156,7 @@ impl Ctx<'_> {
 
 struct LogLine<'a> {
     ctx: &'a Ctx<'a>,
+    ts: &'a str,
     rec: &'a LogRecord,
 }
 
@@ -124,7 +164,7 @@ impl Serialize for LogLine<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let r = self.rec;
         let mut m = s.serialize_map(Some(14))?;
-        m.serialize_entry("ts", &rfc3339(r.ts_ns))?;
+        m.serialize_entry("ts", self.ts)?;
         m.serialize_entry("ts_ns", &r.ts_ns)?;
         m.serialize_entry("kind", "log")?;
         m.serialize_entry("batch", &self.ctx.batch)?;
@@ -143,6 +183,7 @@ impl Serialize for LogLine<'_> {
 
 struct EventLine<'a> {
     ctx: &'a Ctx<'a>,
+    ts: &'a str,
     kind: &'static str,
     ev: &'a BusEvent,
 }
@@ -151,7 +192,7 @@ impl Serialize for EventLine<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.ev;
         let mut m = s.serialize_map(Some(7))?;
-        m.serialize_entry("ts", &rfc3339(e.ts_ns))?;
+        m.serialize_entry("ts", self.ts)?;
         m.serialize_entry("ts_ns", &e.ts_ns)?;
         m.serialize_entry("kind", self.kind)?;
         m.serialize_entry("batch", &self.ctx.batch)?;
@@ -164,6 +205,7 @@ impl Serialize for EventLine<'_> {
 
 struct SummaryLine<'a> {
     ctx: &'a Ctx<'a>,
+    ts: &'a str,
     ts_ns: i64,
     name: String,
     payload: &'a Value,
@@ -172,7 +214,7 @@ struct SummaryLine<'a> {
 impl Serialize for SummaryLine<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(7))?;
-        m.serialize_entry("ts", &rfc3339(self.ts_ns))?;
+        m.serialize_entry("ts", self.ts)?;
         m.serialize_entry("ts_ns", &self.ts_ns)?;
         m.serialize_entry("kind", "summary")?;
         m.serialize_entry("batch", &self.ctx.batch)?;
@@ -304,6 +346,22 @@ mod tests {
             json!({"user_id": 42, "delta": -3, "ratio": 0.5, "nan": "NaN", "ok": true, "table": "users"})
         );
         assert_eq!(l["spans"], json!([{"name": "req", "fields": {"id": "a1"}}]));
+    }
+
+    // Catches the timestamp cache printing a stale second or wrong digits.
+    #[test]
+    fn cached_timestamps_match_rfc3339() {
+        let mut t = TsText::default();
+        for ns in [
+            1_796_314_801_123_456_789,
+            1_796_314_801_000_000_001,
+            1_796_314_801_999_999_999,
+            1_796_314_802_000_000_000,
+            0,
+            -1,
+        ] {
+            assert_eq!(t.format(ns), rfc3339(ns));
+        }
     }
 
     // Catches a drop notice written after the records (or not at all), and a

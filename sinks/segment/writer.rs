@@ -797,6 +797,27 @@ mod tests {
         assert_eq!(fs::metadata(&file).expect("stat").len(), len);
     }
 
+    // Measurement, not a check: the sink thread's own cost per event. Run with
+    // `cargo test --release --lib measure_sink_write -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measurement; run with --release --ignored --nocapture"]
+    fn measure_sink_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut sink = SegmentSink::open(dir.path(), config()).expect("open");
+        let batches: Vec<Batch> = (0..10_000).map(|b| event_batch(b, b * 100, 100)).collect();
+        let t = Instant::now();
+        for b in &batches {
+            sink.write_batch(b).expect("write");
+        }
+        sink.flush().expect("flush");
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "SegmentSink::write_batch: {:.2} M events/s ({:.0} ns/event)",
+            1e6 / secs / 1e6,
+            secs * 1e9 / 1e6
+        );
+    }
+
     // Catches frames split inside a line (a reader would see half a JSON object).
     #[test]
     fn frames_are_cut_after_whole_lines() {
