@@ -35,6 +35,9 @@ pub use layer::record::{
 pub use layer::summary::{StatsReducer, Summarizer};
 pub use layer::tracing_layer::{LogConfig, SpillwayLayer, SpillwayLayerBuilder};
 pub use setup::{Config, Spillway};
+pub use sinks::index::{
+    Index, IndexConfig, IndexReader, Indexer, IndexerHandle, Query, QueryRecord,
+};
 pub use sinks::segment::reader::{Damage, Frame, FrameReader, ReadItem, SegmentReader};
 pub use sinks::segment::{list_segments, Durability, SegmentConfig, SegmentSink, Stream};
 pub use telemetry::{GpuSource, GpuStatus, Telemetry, TelemetryConfig};

@@ -25,6 +25,8 @@
 //! max_count = 10
 //! [segments]       # zstd segment files (see SegmentConfig)
 //! durability = "buffered"
+//! [index]          # the SQLite indexer (see IndexConfig)
+//! rows_per_transaction = 5000
 //! [logs]           # the tracing layer (see LogConfig)
 //! urgent_level = "warn"
 //! [telemetry]      # GPU and host samplers (see TelemetryConfig)
@@ -41,6 +43,7 @@ use crate::layer::bus::{BatchingBus, InnerBus};
 use crate::layer::config::BatchConfig;
 use crate::layer::engine::{Engine, Guard};
 use crate::layer::tracing_layer::{LogConfig, SpillwayLayer};
+use crate::sinks::index::{IndexConfig, Indexer, IndexerHandle};
 use crate::sinks::segment::reader::Damage;
 use crate::sinks::segment::{SegmentConfig, SegmentSink};
 use crate::telemetry::{Telemetry, TelemetryConfig};
@@ -58,6 +61,9 @@ pub struct Config {
     /// Segment files: frames, rotation, retention, durability.
     #[serde(default)]
     pub segments: SegmentConfig,
+    /// The SQLite index that follows the segments.
+    #[serde(default)]
+    pub index: IndexConfig,
     /// The GPU and host samplers.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
@@ -94,6 +100,7 @@ pub struct Spillway {
     engine: Engine,
     telemetry: Option<Telemetry>,
     guard: Option<Guard>,
+    indexer: Option<IndexerHandle>,
     recovered: Vec<Damage>,
 }
 
@@ -113,12 +120,16 @@ impl Spillway {
         let (engine, guard) = Engine::builder(config.batch.clone())
             .sink(Box::new(segments))
             .build()?;
+        // The index follows the segments on its own thread; a locked or
+        // corrupt index.db is reported and retried there, never fatal here.
+        let indexer = Indexer::spawn(&dir, config.index.clone())?;
         Ok(Spillway {
             dir,
             config,
             engine,
             telemetry: None,
             guard: Some(guard),
+            indexer: Some(indexer),
             recovered,
         })
     }
@@ -190,6 +201,21 @@ impl Spillway {
     pub fn flush(&self) -> Result<()> {
         self.engine.flush()
     }
+
+    /// The background indexer (status, lag, catch-up).
+    pub fn indexer(&self) -> Option<&IndexerHandle> {
+        self.indexer.as_ref()
+    }
+
+    /// Flushes, then waits (up to `timeout`) until the index holds every
+    /// record written so far.
+    pub fn flush_and_index(&self, timeout: std::time::Duration) -> Result<()> {
+        self.engine.flush_timeout(timeout)?;
+        if let Some(ix) = &self.indexer {
+            ix.catch_up_now(timeout)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Spillway {
@@ -199,6 +225,10 @@ impl Drop for Spillway {
             t.stop(std::time::Duration::from_secs(2));
         }
         drop(self.guard.take());
+        // Then index what the final flush wrote, within the indexer's stop deadline.
+        if let Some(ix) = self.indexer.take() {
+            let _ = ix.catch_up_now(self.config.index.stop_timeout);
+        }
     }
 }
 

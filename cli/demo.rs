@@ -146,6 +146,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     spillway.flush()?;
     let stats = engine.stats();
+    // Index what was written, so the example queries below see all of it.
+    let index_start = std::time::Instant::now();
+    let indexed = spillway.flush_and_index(Duration::from_secs(120));
+    let index_secs = index_start.elapsed().as_secs_f64();
     drop(spillway);
     println!();
     println!("  events published       {:>12}", r.published);
@@ -190,17 +194,45 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if disk.damaged > 0 {
         println!("  damaged frames         {:>12}", disk.damaged);
     }
+    match indexed {
+        Ok(()) => println!(
+            "  indexed in SQLite      {:>12}   (index.db caught up {:.2}s after the flood)",
+            "", index_secs
+        ),
+        Err(e) => println!("  indexed in SQLite      not caught up: {e}"),
+    }
     println!("  data directory         {}", args.dir.display());
+    let dir = args.dir.display();
+    println!();
+    println!("$ spillway query {dir} --level warn --limit 3");
+    crate::query::run(&crate::query::QueryArgs {
+        dir: args.dir.clone(),
+        since: None,
+        until: None,
+        level: Some("warn".into()),
+        prefix: None,
+        grep: None,
+        fields: Vec::new(),
+        limit: 3,
+        json: false,
+    })?;
+    let sql = "SELECT prefix, count(*) AS records FROM records GROUP BY prefix ORDER BY records DESC LIMIT 5";
+    println!();
+    println!("$ spillway sql {dir} \"{sql}\"");
+    crate::sql::run(&crate::sql::SqlArgs {
+        dir: args.dir.clone(),
+        query: sql.into(),
+        json: false,
+    })?;
     println!();
     println!("Look at them:");
-    println!("  spillway tail {} --level warn", args.dir.display());
+    println!("  spillway tail {dir} --level warn");
+    println!("  spillway tail {dir} --prefix 'data:*' --json | head");
+    println!("  spillway query {dir} --prefix 'log:myapp::*' --field table=users --limit 5");
+    println!("  spillway stats {dir}");
+    println!("  zstdcat {dir}/segments/logs/*.zst | head");
     println!(
-        "  spillway tail {} --prefix 'data:*' --json | head",
-        args.dir.display()
-    );
-    println!(
-        "  zstdcat {}/segments/logs/*.zst | head",
-        args.dir.display()
+        "  sqlite3 {dir}/index.db \"SELECT json_extract(fields, '$.row_id') FROM logs LIMIT 3\""
     );
     Ok(())
 }

@@ -10,6 +10,10 @@ mod bench_logs;
 mod demo;
 mod flood;
 mod gpu;
+mod query;
+mod reindex;
+mod sql;
+mod stats;
 mod tail;
 
 #[derive(Parser, Debug)]
@@ -29,6 +33,14 @@ enum Command {
     Gpu(gpu::GpuArgs),
     /// Print (and follow) the records in a data directory's segment files.
     Tail(tail::TailArgs),
+    /// Query the SQLite index: time range, level, prefix, text, fields.
+    Query(query::QueryArgs),
+    /// Run SQL on the index, read-only (writes are refused).
+    Sql(sql::SqlArgs),
+    /// Per-prefix records, batches and drops; index lag, disk use, compression.
+    Stats(stats::StatsArgs),
+    /// Rebuild index.db from the segment files.
+    Reindex(reindex::ReindexArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +50,10 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Gpu(a) => gpu::run(a),
         Command::Tail(a) => tail::run(a),
+        Command::Query(a) => query::run(a),
+        Command::Sql(a) => sql::run(a),
+        Command::Stats(a) => stats::run(a),
+        Command::Reindex(a) => reindex::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

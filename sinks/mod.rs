@@ -5,4 +5,5 @@
 //! stores, and reads them back (frame by frame, across rotations, following
 //! a live directory like `tail -f`).
 
+pub mod index;
 pub mod segment;
