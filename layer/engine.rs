@@ -375,7 +375,8 @@ impl EngineBuilder {
                     accs: FxMap::default(),
                     heap: BinaryHeap::new(),
                     stats: FxMap::default(),
-                    next_batch_id: 1,
+                    // Microseconds since the epoch: ids stay unique across restarts.
+                    next_batch_id: (now_ns() / 1000).max(1) as u64,
                     sink_tx: has_sinks.then_some(sink_tx),
                     disp_tx,
                     summarizers,

@@ -145,7 +145,8 @@ impl Records {
 /// A closed batch: the records of one prefix, in order, released together.
 #[derive(Debug)]
 pub struct Batch {
-    /// Unique within the process run, increasing in close order.
+    /// Increasing in close order; it starts at the engine's start time in
+    /// microseconds since the epoch, so ids stay unique across restarts.
     pub id: u64,
     /// The batching key, e.g. `data:users` or `log:myapp::indexer`.
     pub prefix: Arc<str>,

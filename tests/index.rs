@@ -947,10 +947,10 @@ fn query_filters_each_select_exactly_their_records() {
     assert_eq!(
         q(&|q| {
             q.min_level = Some(Level::WARN);
-            q.prefix = Some("log:myapp:*".into());
+            q.prefix = Some("log:myapp::*".into());
         }),
         sorted(&["slow query", "request failed: '; DROP TABLE records; --"]),
-        "`log:myapp:*` covers every module of the crate"
+        "`log:myapp::*` covers every module of the crate"
     );
     assert_eq!(
         q(&|q| {

@@ -295,7 +295,8 @@ pub(crate) fn stats(conn: &Connection, db_path: &Path, data_dir: &Path) -> Resul
     {
         let mut stmt = conn
             .prepare(
-                "SELECT prefix, sum(records), count(*), sum(dropped), min(first_ts_ns), \
+                // A batch whose lines straddle a rotation has a row per segment.
+                "SELECT prefix, sum(records), count(DISTINCT batch), sum(dropped), min(first_ts_ns), \
                  max(last_ts_ns) FROM batches GROUP BY prefix",
             )
             .map_err(err())?;
