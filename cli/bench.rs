@@ -15,7 +15,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
     /// Run only the scenario groups whose name contains this text
-    /// (groups: bus-publish, bus-flood, logs).
+    /// (groups: bus-publish, bus-flood, logs, index, telemetry).
     #[arg(long)]
     pub only: Option<String>,
     /// Internal: the child process of the peak-RSS scenario.
@@ -71,7 +71,73 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("bench: tracing layer and segments beside JSON fmt + non_blocking ({events} events, burst {burst})...");
         logs(events, burst, &mut rows)?;
     }
+    if args.wants("index") {
+        eprintln!("bench: SQLite indexing beside raw rusqlite inserts, and query latency...");
+        for (what, ours, peer) in spillway::sinks::index::bench::run(args.quick)? {
+            rows.push(row(what, fmt_num(ours), fmt_num(peer), ours / peer, ""));
+        }
+    }
+    if args.wants("telemetry") {
+        let secs = if args.quick { 5 } else { 30 };
+        eprintln!("bench: telemetry sampler for {secs} s at the default rate...");
+        telemetry(Duration::from_secs(secs), &mut rows)?;
+    }
     print_table(&rows);
+    Ok(())
+}
+
+fn fmt_num(x: f64) -> String {
+    if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.3}")
+    }
+}
+
+/// The sampler at its defaults (a scripted GPU, as this machine has none,
+/// and the real host source): its cost, and the bus events it causes.
+fn telemetry(run_for: Duration, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use spillway::telemetry::{FakeGpu, HostSource, Telemetry, TelemetryConfig};
+    let (engine, guard) = Engine::builder(BatchConfig::default()).build()?;
+    let inner = Arc::new(MessageBus::new());
+    let windows = Worker::new(Duration::ZERO);
+    inner.subscribe("gpu:batch", windows.clone())?;
+    inner.subscribe("sys:batch", windows.clone())?;
+    let _bus = BatchingBus::new(&engine, inner);
+    let mut t = Telemetry::start_with(
+        &engine,
+        TelemetryConfig::default(),
+        Some(Box::new(FakeGpu::demo(1))),
+        Some(HostSource::new()),
+    )?;
+    std::thread::sleep(run_for);
+    t.stop(Duration::from_secs(2));
+    engine.flush()?;
+    drop(guard);
+    let cost = t.cost();
+    let minutes = cost.elapsed.as_secs_f64() / 60.0;
+    let events = windows.events.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    rows.push(row(
+        "sampler cost per sample (fake GPU + real host), us",
+        format!("{:.1}", cost.per_sample().as_secs_f64() * 1e6),
+        "-".into(),
+        f64::NAN,
+        "",
+    ));
+    rows.push(row(
+        "sampler CPU share of one core at 250 ms, %",
+        format!("{:.3}", cost.cpu_share() * 100.0),
+        "-".into(),
+        f64::NAN,
+        "< 1 %",
+    ));
+    rows.push(row(
+        "telemetry bus events per minute (peer: one per sample)",
+        format!("{:.0}", events / minutes),
+        format!("{:.0}", cost.samples as f64 / minutes),
+        events / cost.samples.max(1) as f64,
+        "one per window",
+    ));
     Ok(())
 }
 
@@ -259,7 +325,7 @@ fn spillway_publish(n: u64, threads: u64) -> PublishResult {
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let bus = bus.clone();
-            std::thread::spawn(move || {
+            std::thread::Builder::new().name("pub-spillway".into()).spawn(move || {
                 let t = Instant::now();
                 for i in 0..per {
                     let _ = bus.publish("bench:users:created", Value::from(i));
@@ -268,7 +334,10 @@ fn spillway_publish(n: u64, threads: u64) -> PublishResult {
             })
         })
         .collect();
-    let times: Vec<Duration> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    let times: Vec<Duration> = handles
+        .into_iter()
+        .filter_map(|h| h.ok()?.join().ok())
+        .collect();
     let _ = bus.flush();
     let total = start.elapsed();
     drop(guard);
@@ -290,7 +359,7 @@ fn peer_publish(n: u64, threads: u64) -> PublishResult {
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let peer = peer.clone();
-            std::thread::spawn(move || {
+            std::thread::Builder::new().name("pub-peer".into()).spawn(move || {
                 let t = Instant::now();
                 for i in 0..per {
                     peer.send(BusEvent::new("bench:users:created", Value::from(i)));
@@ -299,7 +368,10 @@ fn peer_publish(n: u64, threads: u64) -> PublishResult {
             })
         })
         .collect();
-    let times: Vec<Duration> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    let times: Vec<Duration> = handles
+        .into_iter()
+        .filter_map(|h| h.ok()?.join().ok())
+        .collect();
     peer.settle();
     let total = start.elapsed();
     peer.close();
