@@ -246,6 +246,14 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    // Catches the documented example (README, spillway.example.toml) drifting
+    // from the defaults the code actually uses.
+    #[test]
+    fn the_example_file_states_the_defaults() {
+        let example = include_str!("spillway.example.toml");
+        assert_eq!(Config::from_toml(example).unwrap(), Config::default());
+    }
+
     // Catches a config file error that does not say which file and which key.
     #[test]
     fn load_names_the_file_and_the_unknown_key() {

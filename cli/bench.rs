@@ -82,6 +82,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("bench: telemetry sampler for {secs} s at the default rate...");
         telemetry(Duration::from_secs(secs), &mut rows)?;
     }
+    println!(
+        "allocator: {} (the peer runs in the same process, on the same allocator)",
+        if cfg!(feature = "jemalloc") {
+            "jemalloc"
+        } else {
+            "system (glibc malloc)"
+        }
+    );
     print_table(&rows);
     Ok(())
 }
@@ -325,13 +333,15 @@ fn spillway_publish(n: u64, threads: u64) -> PublishResult {
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let bus = bus.clone();
-            std::thread::Builder::new().name("pub-spillway".into()).spawn(move || {
-                let t = Instant::now();
-                for i in 0..per {
-                    let _ = bus.publish("bench:users:created", Value::from(i));
-                }
-                t.elapsed()
-            })
+            std::thread::Builder::new()
+                .name("pub-spillway".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    for i in 0..per {
+                        let _ = bus.publish("bench:users:created", Value::from(i));
+                    }
+                    t.elapsed()
+                })
         })
         .collect();
     let times: Vec<Duration> = handles
@@ -359,13 +369,15 @@ fn peer_publish(n: u64, threads: u64) -> PublishResult {
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let peer = peer.clone();
-            std::thread::Builder::new().name("pub-peer".into()).spawn(move || {
-                let t = Instant::now();
-                for i in 0..per {
-                    peer.send(BusEvent::new("bench:users:created", Value::from(i)));
-                }
-                t.elapsed()
-            })
+            std::thread::Builder::new()
+                .name("pub-peer".into())
+                .spawn(move || {
+                    let t = Instant::now();
+                    for i in 0..per {
+                        peer.send(BusEvent::new("bench:users:created", Value::from(i)));
+                    }
+                    t.elapsed()
+                })
         })
         .collect();
     let times: Vec<Duration> = handles

@@ -16,6 +16,10 @@ mod sql;
 mod stats;
 mod tail;
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "spillway", version, about = "Flood control for busy services")]
 struct Cli {

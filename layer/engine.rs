@@ -35,7 +35,8 @@ use crate::layer::config::BatchConfig;
 use crate::layer::intake::{Entry, FxMap, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT};
 use crate::layer::name::{prefix_of, Pattern};
 use crate::layer::record::{
-    estimate_log, estimate_value, now_ns, Batch, BusEvent, LogRecord, RecordKind, Records,
+    estimate_log, estimate_value, now_ns, resync_clock, Batch, BusEvent, LogRecord, RecordKind,
+    Records,
 };
 use crate::layer::summary::{StatsReducer, Summarizer};
 
@@ -383,6 +384,7 @@ impl EngineBuilder {
                     key_buf: String::new(),
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
+                    last_resync: Instant::now(),
                 };
                 st.run(ctl_rx);
             }),
@@ -638,6 +640,7 @@ struct EngineState {
     key_buf: String,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
     last_prune: Instant,
+    last_resync: Instant,
 }
 
 impl EngineState {
@@ -675,6 +678,10 @@ impl EngineState {
             }
             if self.last_prune.elapsed() > Duration::from_secs(30) {
                 self.prune();
+            }
+            if self.last_resync.elapsed() > Duration::from_secs(1) {
+                self.last_resync = Instant::now();
+                resync_clock();
             }
             self.sleep(got);
         }
