@@ -322,7 +322,7 @@ pub fn run(bus: Arc<dyn FloodBus>, spec: &FloodSpec) -> FloodReport {
     while done.load(Ordering::Relaxed) < 2 || start.elapsed() < min {
         bus.publish("health:ping", json!({ "seq": tick }));
         health_sent += 1;
-        if tick % 2 == 0 {
+        if tick.is_multiple_of(2) {
             bus.publish(
                 "chat:message",
                 json!({ "text": "still there?", "seq": tick }),
