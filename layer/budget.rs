@@ -32,9 +32,10 @@ impl Budget {
         })
     }
 
-    /// The size of a credit block a publisher takes at once.
+    /// The size of a credit block a publisher takes at once: small enough
+    /// that a thousand idle threads holding one each leave most of the budget.
     pub(crate) fn credit_block(&self) -> usize {
-        (self.limit / 64).clamp(256, 64 << 10)
+        (self.limit / 2048).clamp(256, 16 << 10)
     }
 
     pub(crate) fn used(&self) -> usize {
@@ -44,13 +45,13 @@ impl Budget {
     /// Takes `bytes` if they fit under the limit (or the overdraft ceiling).
     pub(crate) fn try_acquire(&self, bytes: usize, overdraft: bool) -> bool {
         let ceiling = if overdraft {
-            self.limit + self.limit / OVERDRAFT_DIVISOR
+            self.limit.saturating_add(self.limit / OVERDRAFT_DIVISOR)
         } else {
             self.limit
         };
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            if cur + bytes > ceiling {
+            if cur.saturating_add(bytes) > ceiling {
                 return false;
             }
             match self.used.compare_exchange_weak(

@@ -317,10 +317,10 @@ impl BatchConfig {
         if self.prefix_depth == 0 {
             return Err(Error::config("prefix_depth", "must be at least 1"));
         }
-        if self.memory_budget < 4096 {
+        if !(4096..=1 << 48).contains(&self.memory_budget) {
             return Err(Error::config(
                 "memory_budget_bytes",
-                format!("{} is too small (at least 4096)", self.memory_budget),
+                format!("{} is out of range (4096 to 2^48)", self.memory_budget),
             ));
         }
         self.default_policy.validate("default")?;

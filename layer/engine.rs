@@ -172,7 +172,7 @@ enum OutMsg {
 }
 
 enum PtMsg {
-    Event(BusEvent),
+    Event(BusEvent, usize),
     Barrier(Arc<Completion>),
     Stop(Arc<Completion>),
 }
@@ -196,7 +196,8 @@ pub(crate) struct Shared {
     ctl: Mutex<Sender<CtlMsg>>,
     pt_tx: Mutex<Sender<PtMsg>>,
     pt_pending: AtomicUsize,
-    drops: Mutex<HashMap<Box<str>, (u64, i64)>>,
+    pt_bytes: AtomicUsize,
+    drops: Mutex<HashMap<(Box<str>, u16, RecordKind), (u64, i64)>>,
     shares: Mutex<HashMap<Box<str>, Arc<AtomicUsize>>>,
     pub(crate) subs: RwLock<Arc<Vec<Arc<SubEntry>>>>,
     pub(crate) next_sub_id: AtomicU64,
@@ -216,9 +217,11 @@ impl Shared {
         }
     }
 
-    pub(crate) fn send_ctl(&self, msg: CtlMsg) {
-        let _ = self.ctl.lock().unwrap_or_else(|e| e.into_inner()).send(msg);
+    /// Sends to the engine thread; returns the message if the engine is gone.
+    pub(crate) fn send_ctl(&self, msg: CtlMsg) -> Option<CtlMsg> {
+        let sent = self.ctl.lock().unwrap_or_else(|e| e.into_inner()).send(msg);
         self.wake();
+        sent.err().map(|e| e.0)
     }
 
     /// The byte counter of `prefix`, shared by publishers and the engine.
@@ -234,28 +237,40 @@ impl Shared {
         }
     }
 
-    pub(crate) fn count_drop(&self, prefix: &str, ts_ns: i64) {
+    /// Counts a record refused for lack of memory, against the accumulator
+    /// (prefix, policy, kind) it would have joined.
+    pub(crate) fn count_drop(&self, prefix: &str, policy: u16, kind: RecordKind, ts_ns: i64) {
         let mut drops = self.drops.lock().unwrap_or_else(|e| e.into_inner());
-        match drops.get_mut(prefix) {
-            Some(d) => d.0 += 1,
-            None => {
-                drops.insert(prefix.into(), (1, ts_ns));
-            }
-        }
+        let d = drops
+            .entry((prefix.into(), policy, kind))
+            .or_insert((0, ts_ns));
+        d.0 += 1;
     }
 
-    pub(crate) fn deliver_passthrough(&self, ev: &BusEvent) {
-        if self.pt_pending.fetch_add(1, Ordering::AcqRel) >= PASSTHROUGH_QUEUE {
+    /// Hands a passthrough event to its delivery thread. The queue is bounded
+    /// in events and in bytes (a quarter of the memory budget); past either,
+    /// the delivery is dropped and counted.
+    pub(crate) fn deliver_passthrough(
+        &self,
+        ev: &BusEvent,
+        size: usize,
+        policy: u16,
+        kind: RecordKind,
+    ) {
+        let queued = self.pt_pending.fetch_add(1, Ordering::AcqRel);
+        let bytes = self.pt_bytes.fetch_add(size, Ordering::AcqRel);
+        if queued >= PASSTHROUGH_QUEUE || bytes + size > self.config.memory_budget / 4 {
             self.pt_pending.fetch_sub(1, Ordering::AcqRel);
-            let depth = self.prefix_depth_of(self.config.policy_index(&ev.name) as u16);
-            self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
+            self.pt_bytes.fetch_sub(size, Ordering::AcqRel);
+            let depth = self.prefix_depth_of(policy);
+            self.count_drop(prefix_of(&ev.name, depth), policy, kind, ev.ts_ns);
             return;
         }
         let _ = self
             .pt_tx
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send(PtMsg::Event(ev.clone()));
+            .send(PtMsg::Event(ev.clone(), size));
     }
 
     pub(crate) fn subscriber_panicked(&self, who: &str, pattern: &str) {
@@ -333,6 +348,7 @@ impl EngineBuilder {
             ctl: Mutex::new(ctl_tx),
             pt_tx: Mutex::new(pt_tx),
             pt_pending: AtomicUsize::new(0),
+            pt_bytes: AtomicUsize::new(0),
             drops: Mutex::new(HashMap::new()),
             shares: Mutex::new(HashMap::new()),
             subs: RwLock::new(Arc::new(Vec::new())),
@@ -475,6 +491,8 @@ impl Engine {
     }
 
     /// [`Engine::flush`] for async code: awaits without blocking the runtime.
+    /// It has no deadline of its own (a stuck subscriber keeps it waiting):
+    /// wrap it in `tokio::time::timeout` where that matters.
     pub async fn flush_async(&self) -> Result<()> {
         if let Some(c) = self.start_flush() {
             c.wait_async().await;
@@ -487,7 +505,10 @@ impl Engine {
             return None;
         }
         let c = Completion::new(3);
-        self.shared.send_ctl(CtlMsg::Flush(c.clone()));
+        if self.shared.send_ctl(CtlMsg::Flush(c.clone())).is_some() {
+            // Shut down meanwhile: its final flush has already run.
+            return None;
+        }
         Some(c)
     }
 
@@ -511,8 +532,9 @@ impl Engine {
     /// A snapshot of the counters (exact for everything flushed).
     pub fn stats(&self) -> Stats {
         let (tx, rx) = mpsc::channel();
-        if !self.shared.closed.load(Ordering::Acquire) {
-            self.shared.send_ctl(CtlMsg::Stats(tx));
+        if !self.shared.closed.load(Ordering::Acquire)
+            && self.shared.send_ctl(CtlMsg::Stats(tx)).is_none()
+        {
             if let Ok(s) = rx.recv_timeout(Duration::from_secs(5)) {
                 return s;
             }
@@ -535,7 +557,9 @@ impl Engine {
         let flushed = self.flush_timeout(timeout);
         self.shared.closed.store(true, Ordering::Release);
         let stop = Completion::new(4);
-        self.shared.send_ctl(CtlMsg::Stop(stop.clone()));
+        if self.shared.send_ctl(CtlMsg::Stop(stop.clone())).is_some() {
+            return flushed;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         stop.wait(left);
         flushed
@@ -698,15 +722,16 @@ impl EngineState {
             self.shared.idle.store(false, Ordering::SeqCst);
             return;
         }
-        let next = self.heap.peek().map(|d| d.at.0);
-        match next {
-            Some(at) => {
-                let now = Instant::now();
-                if at > now {
-                    std::thread::park_timeout(at - now);
-                }
-            }
-            None => std::thread::park_timeout(Duration::from_secs(1)),
+        // At most a second, so the clock is re-anchored and quiet
+        // accumulators are pruned even when no batch is due for hours.
+        let now = Instant::now();
+        let until = self
+            .heap
+            .peek()
+            .map_or(now + Duration::from_secs(1), |d| d.at.0)
+            .min(now + Duration::from_secs(1));
+        if until > now {
+            std::thread::park_timeout(until - now);
         }
         self.shared.idle.store(false, Ordering::SeqCst);
     }
@@ -885,7 +910,7 @@ impl EngineState {
         if acc.len() == 0 {
             acc.first_ts = ts;
             acc.last_active = Instant::now();
-            let age = Duration::from_nanos((now_ns() - ts).max(0) as u64);
+            let age = Duration::from_nanos(now_ns().saturating_sub(ts).max(0) as u64);
             let at = Instant::now() + max_interval.saturating_sub(age);
             self.heap.push(Due {
                 at: std::cmp::Reverse(at),
@@ -917,29 +942,36 @@ impl EngineState {
     fn merge_drops(&mut self) {
         let drops =
             std::mem::take(&mut *self.shared.drops.lock().unwrap_or_else(|e| e.into_inner()));
-        for (prefix, (n, since)) in drops {
+        for ((prefix, policy, kind), (n, since)) in drops {
             stat_mut(&mut self.stats, &prefix).dropped += n;
             let accs = self.accs.entry(prefix.clone()).or_default();
-            if accs.is_empty() {
-                accs.push(Acc {
-                    prefix: prefix.as_ref().into(),
-                    share: self.shared.share_for(&prefix),
-                    policy: self.shared.config.policy_index(&prefix) as u16,
-                    kind: RecordKind::Event,
-                    events: Vec::new(),
-                    logs: Vec::new(),
-                    bytes: 0,
-                    first_ts: since,
-                    last_ts: since,
-                    dropped: 0,
-                    dropped_since: None,
-                    generation: 0,
-                    urgent: false,
-                    last_active: Instant::now(),
-                    pending: PrefixStats::default(),
-                });
-            }
-            let acc = &mut accs[0];
+            let idx = match accs
+                .iter()
+                .position(|a| a.policy == policy && a.kind == kind)
+            {
+                Some(i) => i,
+                None => {
+                    accs.push(Acc {
+                        prefix: prefix.as_ref().into(),
+                        share: self.shared.share_for(&prefix),
+                        policy,
+                        kind,
+                        events: Vec::new(),
+                        logs: Vec::new(),
+                        bytes: 0,
+                        first_ts: since,
+                        last_ts: since,
+                        dropped: 0,
+                        dropped_since: None,
+                        generation: 0,
+                        urgent: false,
+                        last_active: Instant::now(),
+                        pending: PrefixStats::default(),
+                    });
+                    accs.len() - 1
+                }
+            };
+            let acc = &mut accs[idx];
             acc.dropped += n;
             acc.dropped_since = Some(acc.dropped_since.map_or(since, |s| s.min(since)));
             if acc.len() == 0 {
@@ -1036,6 +1068,31 @@ impl EngineState {
     }
 
     fn stop(&mut self, c: Arc<Completion>) {
+        // Close every slot under its lock: a publisher that got past the
+        // `closed` check pushes nothing after this sweep (it gets ShutDown).
+        let slots: Vec<Arc<Slot>> = self
+            .shared
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for slot in &slots {
+            let (full, cur) = {
+                let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+                inner.closed = true;
+                (
+                    std::mem::take(&mut inner.full),
+                    std::mem::take(&mut inner.cur),
+                )
+            };
+            for e in full.into_iter().flatten().chain(cur) {
+                self.ingest(e);
+            }
+        }
+        self.merge_drops();
+        self.close_all();
+        // Subscribers (and the senders of async streams) go: streams end.
+        *self.shared.subs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Vec::new());
         *self
             .shared
             .final_stats
@@ -1109,7 +1166,7 @@ impl EngineState {
                 .or_default()
                 .add(&acc.pending);
         }
-        for (k, (n, _)) in pending {
+        for ((k, _, _), (n, _)) in pending {
             s.prefixes.entry(k.to_string()).or_default().dropped += n;
         }
         for v in s.prefixes.values() {
@@ -1198,6 +1255,16 @@ impl Ctx<'_> {
     }
 }
 
+/// Runs one sink call; an error or a panic is counted and reported, and the
+/// sink thread goes on with the next batch.
+fn guarded(shared: &Shared, call: impl FnOnce() -> Result<()>) {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => shared.sink_failed(&e),
+        Err(_) => shared.sink_failed(&Error::Other("a sink panicked".into())),
+    }
+}
+
 fn sink_loop(shared: Arc<Shared>, mut sinks: Vec<Box<dyn Sink>>, rx: Receiver<OutMsg>) {
     let tick = Duration::from_millis(50);
     let mut last_tick = Instant::now();
@@ -1207,35 +1274,30 @@ fn sink_loop(shared: Arc<Shared>, mut sinks: Vec<Box<dyn Sink>>, rx: Receiver<Ou
         if now.duration_since(last_tick) >= tick {
             last_tick = now;
             for s in sinks.iter_mut() {
-                if let Err(e) = s.tick(now) {
-                    shared.sink_failed(&e);
-                }
+                guarded(&shared, || s.tick(now));
             }
         }
         match msg {
             Ok(OutMsg::Batch(b)) => {
                 for s in sinks.iter_mut() {
-                    let r = s
-                        .write_batch(&b)
-                        .and_then(|_| if b.urgent { s.flush() } else { Ok(()) });
-                    if let Err(e) = r {
-                        shared.sink_failed(&e);
-                    }
+                    guarded(&shared, || {
+                        s.write_batch(&b)?;
+                        if b.urgent {
+                            s.flush()?;
+                        }
+                        Ok(())
+                    });
                 }
             }
             Ok(OutMsg::Barrier(c)) => {
                 for s in sinks.iter_mut() {
-                    if let Err(e) = s.flush() {
-                        shared.sink_failed(&e);
-                    }
+                    guarded(&shared, || s.flush());
                 }
                 c.done();
             }
             Ok(OutMsg::Stop(c)) => {
                 for s in sinks.iter_mut() {
-                    if let Err(e) = s.flush() {
-                        shared.sink_failed(&e);
-                    }
+                    guarded(&shared, || s.flush());
                 }
                 drop(sinks);
                 c.done();
@@ -1263,8 +1325,9 @@ fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>) {
 fn passthrough_loop(shared: Arc<Shared>, rx: Receiver<PtMsg>) {
     for msg in rx {
         match msg {
-            PtMsg::Event(ev) => {
+            PtMsg::Event(ev, size) => {
                 shared.pt_pending.fetch_sub(1, Ordering::AcqRel);
+                shared.pt_bytes.fetch_sub(size, Ordering::AcqRel);
                 crate::layer::bus::dispatch_event(&shared, &ev);
             }
             PtMsg::Barrier(c) => c.done(),

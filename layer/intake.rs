@@ -50,6 +50,8 @@ pub(crate) enum Entry {
 pub(crate) struct SlotInner {
     pub(crate) cur: Vec<Entry>,
     pub(crate) full: Vec<Vec<Entry>>,
+    /// Set by the engine's final sweep: nothing pushed after it would be seen.
+    pub(crate) closed: bool,
 }
 
 #[derive(Default)]
@@ -63,6 +65,7 @@ pub(crate) struct Slot {
 pub(crate) struct Route {
     policy: u16,
     passthrough: bool,
+    persist: bool,
     on_full: OnFull,
     block_timeout: Duration,
     /// Bytes of this route's prefix held in the engine: added by publishers,
@@ -181,6 +184,7 @@ impl Shared {
         Route {
             policy: policy as u16,
             passthrough: p.passthrough,
+            persist: p.persist,
             on_full: p.on_full,
             block_timeout: p.block_timeout,
             share: self.share_for(prefix_of(key, depth)),
@@ -221,7 +225,12 @@ impl Shared {
     }
 
     fn push_event(&self, local: &mut Local, ev: BusEvent, kind: RecordKind) -> Result<()> {
-        let Local { routes, credit, .. } = local;
+        let Local {
+            routes,
+            credit,
+            slot,
+            ..
+        } = local;
         let route = match routes.index.get(ev.name.as_str()) {
             Some(&i) => &mut routes.list[i],
             None => {
@@ -229,17 +238,27 @@ impl Shared {
                 routes.insert(&ev.name, self.route(&ev.name))
             }
         };
-        let size = ev.name.len() + estimate_value(&ev.payload) + 64;
+        let mut size = ev.name.len() + estimate_value(&ev.payload) + 64;
         let mut flags = 0;
-        if route.passthrough {
+        let admitted = if route.passthrough {
             flags |= F_PASSTHROUGH;
-            self.deliver_passthrough(&ev);
-        }
-        match self.admit(credit, size, route, route.passthrough) {
+            self.deliver_passthrough(&ev, size, route.policy, kind);
+            if route.persist {
+                // Delivered already: never block the publisher to persist it.
+                self.admit_passthrough(credit, size, route)
+            } else {
+                // Nothing to keep: the entry only carries the count.
+                size = 0;
+                Some(0)
+            }
+        } else {
+            self.admit(credit, size, route, false)
+        };
+        match admitted {
             Some(extra) => flags |= extra,
             None => {
                 let depth = self.prefix_depth_of(route.policy);
-                self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
+                self.count_drop(prefix_of(&ev.name, depth), route.policy, kind, ev.ts_ns);
                 return Ok(());
             }
         }
@@ -250,8 +269,34 @@ impl Shared {
             size: size as u32,
             flags,
         };
-        self.push_entry(&local.slot, entry);
+        if !self.push_entry(slot, entry) {
+            self.give_back(&route.share, size);
+            return Err(Error::ShutDown);
+        }
         Ok(())
+    }
+
+    /// Budget for persisting a passthrough event: the overdraft if need be,
+    /// and never a wait (the event has been delivered).
+    fn admit_passthrough(&self, credit: &mut usize, size: usize, route: &mut Route) -> Option<u8> {
+        if *credit >= size {
+            *credit -= size;
+            route.pending += size;
+            return Some(0);
+        }
+        route.share.fetch_add(size, Ordering::Relaxed);
+        if self.budget.try_acquire(size, true) {
+            Some(0)
+        } else {
+            route.share.fetch_sub(size, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// Gives back what a record that was not queued had taken.
+    fn give_back(&self, share: &AtomicUsize, size: usize) {
+        share.fetch_sub(size, Ordering::Relaxed);
+        self.budget.release(size);
     }
 
     /// Accepts a log record. `urgent` closes its batch at the next sweep.
@@ -280,6 +325,8 @@ impl Shared {
                         let key = rec.key();
                         self.count_drop(
                             prefix_of(&key, self.prefix_depth_of(route.policy)),
+                            route.policy,
+                            RecordKind::Log,
                             rec.ts_ns,
                         );
                         return Ok(());
@@ -290,7 +337,10 @@ impl Shared {
                         size: size as u32,
                         flags: if urgent { F_URGENT } else { 0 },
                     };
-                    self.send_ctl(CtlMsg::Entries(vec![entry]));
+                    if self.send_ctl(CtlMsg::Entries(vec![entry])).is_some() {
+                        self.give_back(&route.share, size);
+                        return Err(Error::ShutDown);
+                    }
                     Ok(())
                 }
                 None => Ok(()),
@@ -300,7 +350,10 @@ impl Shared {
 
     fn push_log(&self, local: &mut Local, rec: LogRecord, urgent: bool) -> Result<()> {
         let Local {
-            log_routes, credit, ..
+            log_routes,
+            credit,
+            slot,
+            ..
         } = local;
         let route = match log_routes.index.get(&*rec.target) {
             Some(&i) => &mut log_routes.list[i],
@@ -314,6 +367,8 @@ impl Shared {
                 let key = rec.key();
                 self.count_drop(
                     prefix_of(&key, self.prefix_depth_of(route.policy)),
+                    route.policy,
+                    RecordKind::Log,
                     rec.ts_ns,
                 );
                 return Ok(());
@@ -325,7 +380,10 @@ impl Shared {
             size: size as u32,
             flags,
         };
-        self.push_entry(&local.slot, entry);
+        if !self.push_entry(slot, entry) {
+            self.give_back(&route.share, size);
+            return Err(Error::ShutDown);
+        }
         Ok(())
     }
 
@@ -390,8 +448,13 @@ impl Shared {
         admitted
     }
 
-    fn push_entry(&self, slot: &Slot, entry: Entry) {
+    /// Queues `entry` in the thread's slot; `false` once the engine has
+    /// made its final sweep (the caller gives the budget back).
+    fn push_entry(&self, slot: &Slot, entry: Entry) -> bool {
         let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.closed {
+            return false;
+        }
         let was_empty = inner.cur.is_empty();
         if was_empty && inner.cur.capacity() == 0 {
             inner.cur.reserve_exact(CHUNK);
@@ -413,6 +476,7 @@ impl Shared {
         {
             self.wake();
         }
+        true
     }
 
     fn submit_event_slow(&self, ev: BusEvent, kind: RecordKind) -> Result<()> {
@@ -422,22 +486,26 @@ impl Shared {
         let mut flags = 0;
         if route.passthrough {
             flags |= F_PASSTHROUGH;
-            self.deliver_passthrough(&ev);
+            self.deliver_passthrough(&ev, size, route.policy, kind);
         }
         route.share.fetch_add(size, Ordering::Relaxed);
         if !self.budget.try_acquire(size, route.passthrough) {
             route.share.fetch_sub(size, Ordering::Relaxed);
             let depth = self.prefix_depth_of(route.policy);
-            self.count_drop(prefix_of(&ev.name, depth), ev.ts_ns);
+            self.count_drop(prefix_of(&ev.name, depth), route.policy, kind, ev.ts_ns);
             return Ok(());
         }
-        self.send_ctl(CtlMsg::Entries(vec![Entry::Event {
+        let entry = Entry::Event {
             ev,
             kind,
             policy: route.policy,
             size: size as u32,
             flags,
-        }]));
+        };
+        if self.send_ctl(CtlMsg::Entries(vec![entry])).is_some() {
+            self.give_back(&route.share, size);
+            return Err(Error::ShutDown);
+        }
         Ok(())
     }
 }

@@ -707,3 +707,60 @@ fn the_panic_hook_flushes_before_the_process_goes_down() {
     assert!(r.is_err());
     assert_eq!(written.load(Ordering::SeqCst), 7);
 }
+
+// Catches a panicking sink killing the sink thread: later batches would then
+// vanish while flush() still said Ok. The panic must be counted and the sink
+// must go on receiving.
+#[test]
+fn a_panicking_sink_is_counted_and_keeps_receiving() {
+    struct Flaky(Arc<AtomicUsize>);
+    impl spillway::Sink for Flaky {
+        fn write_batch(&mut self, b: &spillway::Batch) -> spillway::Result<()> {
+            if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("sink bug");
+            }
+            assert!(!b.records.is_empty());
+            Ok(())
+        }
+        fn flush(&mut self) -> spillway::Result<()> {
+            Ok(())
+        }
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (engine, _guard) = Engine::builder(config(Policy::batch(Duration::from_secs(3600), 5)))
+        .sink(Box::new(Flaky(calls.clone())))
+        .build()
+        .unwrap();
+    for i in 0..20 {
+        engine.publish("t:sink:x", json!({ "i": i })).unwrap();
+    }
+    engine.flush().unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        4,
+        "all four batches reached the sink"
+    );
+    let stats = engine.stats();
+    assert_eq!(stats.sink_errors, 1);
+    assert!(stats.last_sink_error.unwrap().contains("panicked"));
+}
+
+// Catches an async stream that never ends after shutdown (a task looping on
+// recv() would then hang the service's graceful shutdown).
+#[test]
+fn stream_subscriptions_end_when_the_engine_shuts_down() {
+    let (bus, guard, _) = bus(config(Policy::batch(Duration::from_secs(3600), 1)));
+    let mut stream = bus.subscribe_stream("t:*", 8).unwrap();
+    bus.publish("t:s:x", json!({})).unwrap();
+    drop(guard);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        assert!(
+            matches!(stream.recv().await, Some(Ok(_))),
+            "the flushed batch"
+        );
+        assert!(stream.recv().await.is_none(), "then the end of the stream");
+    });
+}
