@@ -107,10 +107,15 @@ impl RecordKind {
 /// A typed field value: integers stay integers.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FieldValue {
+    /// A signed integer.
     I64(i64),
+    /// An unsigned integer.
     U64(u64),
+    /// A float.
     F64(f64),
+    /// A boolean.
     Bool(bool),
+    /// A string, or a value recorded with `Debug` (its `{:?}` text).
     Str(String),
 }
 
@@ -131,7 +136,9 @@ impl FieldValue {
 /// The name and fields of a span enclosing a log record.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SpanRecord {
+    /// The span's name.
     pub name: Cow<'static, str>,
+    /// Its fields, as last recorded.
     pub fields: Vec<(Cow<'static, str>, FieldValue)>,
 }
 
@@ -143,12 +150,19 @@ pub use tracing_core::Level;
 pub struct LogRecord {
     /// Nanoseconds since the Unix epoch.
     pub ts_ns: i64,
+    /// Severity.
     pub level: Level,
+    /// The event's target (its module path unless set): the key is `log:<target>`.
     pub target: Cow<'static, str>,
+    /// The module the event was emitted in.
     pub module_path: Option<Cow<'static, str>>,
+    /// Source file.
     pub file: Option<Cow<'static, str>>,
+    /// Source line.
     pub line: Option<u32>,
+    /// The formatted message.
     pub message: String,
+    /// The event's other fields, typed, in the order they were written.
     pub fields: Vec<(Cow<'static, str>, FieldValue)>,
     /// Enclosing spans, outermost first.
     pub spans: Vec<Arc<SpanRecord>>,

@@ -951,3 +951,37 @@ fn since_and_level_parse_durations_times_and_names() {
     assert_eq!(args.level, Some(Level::ERROR));
     assert_eq!(args.path.as_deref(), Some(Path::new("d")));
 }
+
+// Catches a stray file in a stream folder (an operator's backup) wedging the
+// writer: new segment names had to sort after it, and none could.
+#[test]
+fn a_stray_file_in_a_stream_folder_does_not_stop_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("segments").join("events");
+    std::fs::create_dir_all(&events).unwrap();
+    std::fs::write(events.join("events-backup.zst"), b"not ours").unwrap();
+    std::fs::write(
+        events.join("events-\u{20ac}\u{20ac}abT000000.000000000Z-000001.zst"),
+        b"x",
+    )
+    .unwrap();
+    let sink = SegmentSink::open(dir.path(), SegmentConfig::default()).unwrap();
+    let (engine, guard) = Engine::builder(BatchConfig::default())
+        .sink(Box::new(sink))
+        .build()
+        .unwrap();
+    engine
+        .publish("data:users:created", json!({ "id": 7 }))
+        .unwrap();
+    engine.flush().unwrap();
+    assert_eq!(engine.stats().sink_errors, 0);
+    drop(guard);
+    let ours: Vec<_> = list_segments(dir.path())
+        .unwrap()
+        .into_iter()
+        .filter(|p| {
+            !p.to_string_lossy().contains("backup") && !p.to_string_lossy().contains('\u{20ac}')
+        })
+        .collect();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+}

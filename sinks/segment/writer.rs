@@ -121,9 +121,15 @@ impl SegmentSink {
             let files = list_stream(&sink.data_dir, w.stream)?;
             for f in &files {
                 let seq = f.file_name().and_then(|n| n.to_str()).and_then(segment_seq);
-                next_seq = next_seq.max(seq.map_or(0, |s| s + 1));
+                next_seq = next_seq.max(seq.map_or(0, |s| s.saturating_add(1)));
             }
-            if let Some(newest) = files.last() {
+            // The newest of our own files: a stray file in the folder (say
+            // `events-backup.zst`) must not decide what sorts last.
+            let ours = files
+                .iter()
+                .rev()
+                .find(|f| file_ts(f.file_name().and_then(|n| n.to_str())).is_some());
+            if let Some(newest) = ours {
                 if let Some(d) = repair_tail(newest, sink.config.durability)? {
                     recovered.push(d);
                 }
@@ -172,10 +178,12 @@ impl SegmentSink {
             }
             let cut = frame_cut(rest, max);
             done += cut;
-            // A frame that cannot be written is dropped (the engine counts
-            // the error); keeping it would grow memory on a full disk.
+            // Lines that cannot be written are dropped, all of them (the
+            // engine counts the error): keeping them would grow memory
+            // without bound on a full disk.
             if let Err(e) = self.write_frame(i, &rest[..cut]) {
                 result = Err(e);
+                done = pending.len();
                 break;
             }
         }
@@ -418,6 +426,9 @@ fn frame_cut(rest: &[u8], max: usize) -> usize {
 fn file_ts(name: Option<&str>) -> Option<i64> {
     // <stream>-YYYYMMDDTHHMMSS.nnnnnnnnnZ-<seq>.zst
     let ts = name?.split('-').nth(1)?;
+    if !ts.is_ascii() {
+        return None;
+    }
     let (date, rest) = ts.split_once('T')?;
     let (hms, nanos) = rest.strip_suffix('Z')?.split_once('.')?;
     if date.len() != 8 || hms.len() != 6 || nanos.len() != 9 {
