@@ -22,8 +22,9 @@ pub trait FloodBus: Send + Sync {
     fn settle(&self);
     /// Events that never reached a subscriber (dropped, lagged).
     fn lost(&self) -> u64;
-    /// Deliveries into subscribers' queues, where the bus clones every event
-    /// to every subscriber whatever its pattern (`None`: only matching calls).
+    /// Dispatches the bus had to make, where it clones every event to every
+    /// subscriber whatever its pattern, counting those a lagging subscriber
+    /// lost (`None`: only its matching callback calls).
     fn clones_delivered(&self) -> Option<u64> {
         None
     }
@@ -157,7 +158,9 @@ impl FloodBus for PeerBus {
         self.lagged.load(Ordering::Relaxed)
     }
     fn clones_delivered(&self) -> Option<u64> {
-        Some(self.received.load(Ordering::Relaxed) - self.lagged.load(Ordering::Relaxed))
+        // Every event is cloned to every receiver; those lost to lag were
+        // still sent to it (and would have been dispatched had it kept up).
+        Some(self.received.load(Ordering::Relaxed))
     }
 }
 

@@ -183,6 +183,9 @@ pub(crate) struct SubEntry {
     pub(crate) sub: Arc<dyn BatchAwareSubscriber>,
 }
 
+/// The accumulator a dropped record would have joined: (prefix, policy, kind).
+type DropKey = (Box<str>, u16, RecordKind);
+
 /// State shared by the handle, the publishers and the engine's threads.
 pub(crate) struct Shared {
     pub(crate) id: u64,
@@ -197,7 +200,7 @@ pub(crate) struct Shared {
     pt_tx: Mutex<Sender<PtMsg>>,
     pt_pending: AtomicUsize,
     pt_bytes: AtomicUsize,
-    drops: Mutex<HashMap<(Box<str>, u16, RecordKind), (u64, i64)>>,
+    drops: Mutex<HashMap<DropKey, (u64, i64)>>,
     shares: Mutex<HashMap<Box<str>, Arc<AtomicUsize>>>,
     pub(crate) subs: RwLock<Arc<Vec<Arc<SubEntry>>>>,
     pub(crate) next_sub_id: AtomicU64,
