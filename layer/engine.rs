@@ -471,8 +471,10 @@ impl Engine {
     /// Submits a log record under the key `log:<target>`. `urgent` records
     /// (WARN and ERROR by default in the tracing layer) close their batch at
     /// the next sweep and may use the budget's reserve.
-    pub fn submit_log(&self, record: LogRecord, urgent: bool) -> Result<()> {
-        self.shared.submit_log(record, urgent)
+    /// Takes the record boxed (or builds the box): it then moves through the
+    /// pipeline as a pointer.
+    pub fn submit_log(&self, record: impl Into<Box<LogRecord>>, urgent: bool) -> Result<()> {
+        self.shared.submit_log(record.into(), urgent)
     }
 
     /// Waits until everything accepted before this call has been handed to

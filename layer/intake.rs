@@ -300,7 +300,7 @@ impl Shared {
     }
 
     /// Accepts a log record. `urgent` closes its batch at the next sweep.
-    pub(crate) fn submit_log(self: &Arc<Self>, rec: LogRecord, urgent: bool) -> Result<()> {
+    pub(crate) fn submit_log(self: &Arc<Self>, rec: Box<LogRecord>, urgent: bool) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
@@ -332,7 +332,7 @@ impl Shared {
                         return Ok(());
                     }
                     let entry = Entry::Log {
-                        rec: Box::new(rec),
+                        rec,
                         policy: route.policy,
                         size: size as u32,
                         flags: if urgent { F_URGENT } else { 0 },
@@ -348,7 +348,7 @@ impl Shared {
         }
     }
 
-    fn push_log(&self, local: &mut Local, rec: LogRecord, urgent: bool) -> Result<()> {
+    fn push_log(&self, local: &mut Local, rec: Box<LogRecord>, urgent: bool) -> Result<()> {
         let Local {
             log_routes,
             credit,
@@ -375,7 +375,7 @@ impl Shared {
             }
         }
         let entry = Entry::Log {
-            rec: Box::new(rec),
+            rec,
             policy: route.policy,
             size: size as u32,
             flags,

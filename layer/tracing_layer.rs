@@ -286,8 +286,9 @@ where
 }
 
 impl SpillwayLayer {
-    /// Captures `event` into an owned record.
-    fn capture<S>(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> LogRecord
+    /// Captures `event` into an owned record, boxed once here so that it
+    /// moves through the pipeline as a pointer.
+    fn capture<S>(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> Box<LogRecord>
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
     {
@@ -338,7 +339,7 @@ impl SpillwayLayer {
                 spans.reverse();
             }
         }
-        LogRecord {
+        Box::new(LogRecord {
             ts_ns,
             level: *meta.level(),
             target,
@@ -348,7 +349,7 @@ impl SpillwayLayer {
             message,
             fields,
             spans,
-        }
+        })
     }
 }
 
