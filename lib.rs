@@ -41,3 +41,8 @@ pub use sinks::index::{
 pub use sinks::segment::reader::{Damage, Frame, FrameReader, ReadItem, SegmentReader};
 pub use sinks::segment::{list_segments, Durability, SegmentConfig, SegmentSink, Stream};
 pub use telemetry::{GpuSource, GpuStatus, Telemetry, TelemetryConfig};
+
+// The README's examples compile and run as doctests.
+#[doc = include_str!("README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -252,6 +252,14 @@ mod tests {
     fn the_example_file_states_the_defaults() {
         let example = include_str!("spillway.example.toml");
         assert_eq!(Config::from_toml(example).unwrap(), Config::default());
+        // And the README shows that same file.
+        let readme = include_str!("README.md");
+        let block = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block in the README");
+        assert_eq!(block, example, "README's configuration block differs from spillway.example.toml");
     }
 
     // Catches a config file error that does not say which file and which key.
