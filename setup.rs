@@ -45,7 +45,7 @@ use crate::layer::engine::{Engine, Guard};
 use crate::layer::tracing_layer::{LogConfig, SpillwayLayer};
 use crate::sinks::index::{IndexConfig, Indexer, IndexerHandle};
 use crate::sinks::segment::reader::Damage;
-use crate::sinks::segment::{SegmentConfig, SegmentSink};
+use crate::sinks::segment::{create_dir_private, SegmentConfig, SegmentSink};
 use crate::telemetry::{Telemetry, TelemetryConfig};
 
 /// The configuration file (`spillway.toml`).
@@ -113,7 +113,7 @@ impl Spillway {
     /// Opens the data directory with `config`.
     pub fn open_with(dir: impl AsRef<Path>, config: Config) -> Result<Spillway> {
         let dir = dir.as_ref().to_path_buf();
-        create_private_dir(&dir)?;
+        create_dir_private(&dir)?;
         config.telemetry.validate()?;
         let segments = SegmentSink::open(&dir, config.segments.clone())?;
         let recovered = segments.recovered().to_vec();
@@ -232,16 +232,6 @@ impl Drop for Spillway {
     }
 }
 
-/// Creates `dir` (and parents) readable by the owner only.
-pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io("cannot create data directory", dir, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,7 +249,10 @@ mod tests {
             .nth(1)
             .and_then(|rest| rest.split("```").next())
             .expect("a toml block in the README");
-        assert_eq!(block, example, "README's configuration block differs from spillway.example.toml");
+        assert_eq!(
+            block, example,
+            "README's configuration block differs from spillway.example.toml"
+        );
     }
 
     // Catches a config file error that does not say which file and which key.

@@ -743,6 +743,12 @@ impl EngineState {
 
     /// Takes everything the publishers queued. Returns whether anything was there.
     fn sweep(&mut self) -> bool {
+        self.sweep_slots(false)
+    }
+
+    /// Takes everything queued in the slots; with `close`, marks each slot
+    /// closed under its lock (the final sweep: later pushes are refused).
+    fn sweep_slots(&mut self, close: bool) -> bool {
         let slots: Vec<Arc<Slot>> = self
             .shared
             .slots
@@ -754,6 +760,7 @@ impl EngineState {
         for slot in &slots {
             let (full, cur) = {
                 let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+                inner.closed |= close;
                 if inner.cur.is_empty() && inner.full.is_empty() {
                     dead |= slot.dead.load(Ordering::Acquire);
                     continue;
@@ -1075,25 +1082,7 @@ impl EngineState {
     fn stop(&mut self, c: Arc<Completion>) {
         // Close every slot under its lock: a publisher that got past the
         // `closed` check pushes nothing after this sweep (it gets ShutDown).
-        let slots: Vec<Arc<Slot>> = self
-            .shared
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for slot in &slots {
-            let (full, cur) = {
-                let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
-                inner.closed = true;
-                (
-                    std::mem::take(&mut inner.full),
-                    std::mem::take(&mut inner.cur),
-                )
-            };
-            for e in full.into_iter().flatten().chain(cur) {
-                self.ingest(e);
-            }
-        }
+        self.sweep_slots(true);
         self.merge_drops();
         self.close_all();
         // Subscribers (and the senders of async streams) go: streams end.

@@ -120,7 +120,7 @@ pub use config::{
 };
 pub use fake::{FakeDevice, FakeFrame, FakeGpu};
 pub use host::{HostSample, HostSource};
-pub use nvml::{NvmlSource, NVML_LIBRARY};
+pub use nvml::{nvml_library_present, NvmlSource, NVML_LIBRARY};
 pub use sampler::{GPU_STATUS_EVENT, HOST_EVENT};
 pub use source::{
     DeviceInfo, DeviceState, DeviceStatus, GpuError, GpuSource, GpuStatus, Metric, Reading,

@@ -233,33 +233,34 @@ impl GpuSource for NvmlSource {
     }
 }
 
+/// Whether `libnvidia-ml.so.1` is in one of the usual places (or on
+/// `LD_LIBRARY_PATH`): a quick check that needs no driver call.
+pub fn nvml_library_present() -> bool {
+    let mut dirs: Vec<String> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(String::from)
+        .collect();
+    dirs.extend(
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+            "/lib/x86_64-linux-gnu",
+            "/lib64",
+            "/usr/local/nvidia/lib64",
+        ]
+        .map(String::from),
+    );
+    dirs.iter()
+        .any(|d| std::path::Path::new(d).join(NVML_LIBRARY).exists())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Whether the dynamic loader could find NVML in the usual places.
-    pub(crate) fn library_installed() -> bool {
-        let mut dirs: Vec<String> = std::env::var("LD_LIBRARY_PATH")
-            .unwrap_or_default()
-            .split(':')
-            .filter(|d| !d.is_empty())
-            .map(String::from)
-            .collect();
-        dirs.extend(
-            [
-                "/usr/lib/x86_64-linux-gnu",
-                "/usr/lib/aarch64-linux-gnu",
-                "/usr/lib64",
-                "/usr/lib",
-                "/lib/x86_64-linux-gnu",
-                "/lib64",
-                "/usr/local/nvidia/lib64",
-            ]
-            .map(String::from),
-        );
-        dirs.iter()
-            .any(|d| std::path::Path::new(d).join(NVML_LIBRARY).exists())
-    }
 
     // Catches the real path panicking or mis-reporting where NVML is absent:
     // on a machine without libnvidia-ml, init must fail with the
@@ -269,7 +270,7 @@ mod tests {
         let mut s = NvmlSource::new();
         match s.init() {
             Err(GpuError::Unavailable(reason)) => {
-                if !library_installed() {
+                if !nvml_library_present() {
                     assert!(
                         reason.contains("NVML library not found") && reason.contains(NVML_LIBRARY),
                         "{reason}"

@@ -267,30 +267,6 @@ fn gpu_status_goes_unavailable_ok_unavailable_ok() {
     assert_eq!(telemetry.status(), GpuStatus::Ok);
 }
 
-/// Whether the dynamic loader could find NVML in the usual places.
-fn nvml_installed() -> bool {
-    let mut dirs: Vec<String> = std::env::var("LD_LIBRARY_PATH")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(String::from)
-        .collect();
-    dirs.extend(
-        [
-            "/usr/lib/x86_64-linux-gnu",
-            "/usr/lib/aarch64-linux-gnu",
-            "/usr/lib64",
-            "/usr/lib",
-            "/lib/x86_64-linux-gnu",
-            "/lib64",
-            "/usr/local/nvidia/lib64",
-        ]
-        .map(String::from),
-    );
-    dirs.iter()
-        .any(|d| std::path::Path::new(d).join(NVML_LIBRARY).exists())
-}
-
 // Catches the real (NVML) path panicking, hanging, or hiding why it cannot
 // run: without libnvidia-ml the status must name the missing library, in the
 // handle and in every gpu:batch summary, while host telemetry goes on.
@@ -306,7 +282,7 @@ fn real_nvml_path_without_library_reports_why() {
         !got.named("gpu:batch").is_empty() && !got.named("sys:batch").is_empty()
     });
     let status = telemetry.status();
-    if nvml_installed() {
+    if spillway::telemetry::nvml_library_present() {
         eprintln!("NVML is installed here; status: {status}");
         return;
     }

@@ -41,7 +41,7 @@ pub struct IndexConfig {
     /// files once it has caught up, in milliseconds.
     #[serde(
         rename = "poll_interval_ms",
-        with = "millis",
+        with = "crate::layer::config::millis",
         default = "default_poll_interval"
     )]
     pub poll_interval: Duration,
@@ -53,7 +53,7 @@ pub struct IndexConfig {
     /// this attempt (the indexer then backs off and retries), in milliseconds.
     #[serde(
         rename = "busy_timeout_ms",
-        with = "millis",
+        with = "crate::layer::config::millis",
         default = "default_busy_timeout"
     )]
     pub busy_timeout: Duration,
@@ -61,7 +61,7 @@ pub struct IndexConfig {
     /// written (locked, unwritable, corrupt), in milliseconds.
     #[serde(
         rename = "max_backoff_ms",
-        with = "millis",
+        with = "crate::layer::config::millis",
         default = "default_max_backoff"
     )]
     pub max_backoff: Duration,
@@ -69,7 +69,7 @@ pub struct IndexConfig {
     /// milliseconds. Work not committed by then is redone on the next start.
     #[serde(
         rename = "stop_timeout_ms",
-        with = "millis",
+        with = "crate::layer::config::millis",
         default = "default_stop_timeout"
     )]
     pub stop_timeout: Duration,
@@ -127,18 +127,6 @@ impl IndexConfig {
             return bad("busy_timeout_ms", "must fit in 31 bits (about 24 days)");
         }
         Ok(())
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
     }
 }
 

@@ -52,16 +52,7 @@ pub(crate) fn ensure_private_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder
-        .create(dir)
-        .map_err(|e| Error::io("cannot create directory", dir, e))
+    crate::sinks::segment::create_dir_private(dir)
 }
 
 /// Creates an empty owner-only file at `path` unless one exists, so SQLite

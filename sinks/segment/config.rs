@@ -91,7 +91,7 @@ pub struct SegmentConfig {
     /// arrived (`max_frame_delay_ms`). Default 100 ms.
     #[serde(
         rename = "max_frame_delay_ms",
-        with = "millis",
+        with = "crate::layer::config::millis",
         default = "default_max_frame_delay"
     )]
     pub max_frame_delay: Duration,
@@ -106,7 +106,7 @@ pub struct SegmentConfig {
     /// (`rotate_age_secs`). Default 3600.
     #[serde(
         rename = "rotate_age_secs",
-        with = "secs",
+        with = "crate::layer::config::secs",
         default = "default_rotate_age"
     )]
     pub rotate_age: Duration,
@@ -118,7 +118,7 @@ pub struct SegmentConfig {
     /// (`retain_age_secs`); 0 keeps them forever. Default 7 days.
     #[serde(
         rename = "retain_age_secs",
-        with = "secs",
+        with = "crate::layer::config::secs",
         default = "default_retain_age"
     )]
     pub retain_age: Duration,
@@ -194,30 +194,6 @@ impl SegmentConfig {
             ));
         }
         Ok(())
-    }
-}
-
-mod millis {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_millis(u64::deserialize(d)?))
-    }
-}
-
-mod secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_secs())
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_secs(u64::deserialize(d)?))
     }
 }
 
