@@ -52,6 +52,8 @@ pub(crate) struct SlotInner {
     pub(crate) full: Vec<Vec<Entry>>,
     /// Set by the engine's final sweep: nothing pushed after it would be seen.
     pub(crate) closed: bool,
+    /// Empty chunk buffers the engine handed back, for the next chunks.
+    pub(crate) spare: Vec<Vec<Entry>>,
 }
 
 #[derive(Default)]
@@ -457,12 +459,16 @@ impl Shared {
         }
         let was_empty = inner.cur.is_empty();
         if was_empty && inner.cur.capacity() == 0 {
-            inner.cur.reserve_exact(CHUNK);
+            match inner.spare.pop() {
+                Some(v) => inner.cur = v,
+                None => inner.cur.reserve_exact(CHUNK),
+            }
         }
         inner.cur.push(entry);
         let full = inner.cur.len() >= CHUNK;
         if full {
-            let chunk = std::mem::replace(&mut inner.cur, Vec::with_capacity(CHUNK));
+            let next = inner.spare.pop().unwrap_or_else(|| Vec::with_capacity(CHUNK));
+            let chunk = std::mem::replace(&mut inner.cur, next);
             inner.full.push(chunk);
         }
         drop(inner);
