@@ -199,12 +199,34 @@ fn logs(events: u64, burst: u64, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rounds per contestant in the publish scenarios; the best counts (the
+/// others were slowed by whatever else the 2-core machine was doing).
+const PUBLISH_ROUNDS: usize = 3;
+
+fn best_of(rounds: impl Iterator<Item = PublishResult>) -> PublishResult {
+    rounds.fold(
+        PublishResult {
+            caller_ns: f64::INFINITY,
+            events_per_s: 0.0,
+        },
+        |b, r| PublishResult {
+            caller_ns: b.caller_ns.min(r.caller_ns),
+            events_per_s: b.events_per_s.max(r.events_per_s),
+        },
+    )
+}
+
 fn bus_publish(n: u64, rows: &mut Vec<Row>) {
     for threads in [1, 2] {
-        let s = spillway_publish(n, threads);
-        let p = peer_publish(n, threads);
+        let (mut ours, mut peers) = (Vec::new(), Vec::new());
+        for _ in 0..PUBLISH_ROUNDS {
+            ours.push(spillway_publish(n, threads));
+            peers.push(peer_publish(n, threads));
+        }
+        let s = best_of(ours.into_iter());
+        let p = best_of(peers.into_iter());
         rows.push(row(
-            format!("publish caller cost, {threads} thread(s), ns/event"),
+            format!("publish caller cost, {threads} thread(s), ns/event (best of {PUBLISH_ROUNDS})"),
             format!("{:.0}", s.caller_ns),
             format!("{:.0}", p.caller_ns),
             s.caller_ns / p.caller_ns,

@@ -32,10 +32,7 @@ use crate::error::{Error, Result};
 use crate::layer::budget::{Budget, Reservation};
 use crate::layer::bus::{BatchAwareSubscriber, InnerBus};
 use crate::layer::config::BatchConfig;
-use crate::layer::intake::{Entry, FxMap, Slot, CHUNK, F_EVICT, F_PASSTHROUGH, F_URGENT};
-
-/// Emptied chunk buffers the engine keeps for the publishers.
-const MAX_SPARES: usize = 64;
+use crate::layer::intake::{Entry, FxMap, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT};
 use crate::layer::name::{prefix_of, Pattern};
 use crate::layer::record::{
     estimate_log, estimate_value, now_ns, resync_clock, Batch, BusEvent, LogRecord, RecordKind,
@@ -404,7 +401,6 @@ impl EngineBuilder {
                     disp_tx,
                     summarizers,
                     key_buf: String::new(),
-                    spares: Vec::new(),
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
                     last_resync: Instant::now(),
@@ -671,8 +667,6 @@ struct EngineState {
     disp_tx: Sender<OutMsg>,
     summarizers: HashMap<String, Arc<dyn Summarizer>>,
     key_buf: String,
-    /// Emptied chunk buffers, recycled to the publishers' slots.
-    spares: Vec<Vec<Entry>>,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
     last_prune: Instant,
     last_resync: Instant,
@@ -767,32 +761,20 @@ impl EngineState {
             let (full, cur) = {
                 let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
                 inner.closed |= close;
-                // Hand the publisher emptied chunk buffers back: allocating a
-                // fresh 16 KiB chunk every 256 records made glibc consolidate
-                // its free lists on the publisher's hot path.
-                while inner.spare.len() < 2 {
-                    match self.spares.pop() {
-                        Some(v) => inner.spare.push(v),
-                        None => break,
-                    }
-                }
                 if inner.cur.is_empty() && inner.full.is_empty() {
                     dead |= slot.dead.load(Ordering::Acquire);
                     continue;
                 }
-                let next = self.spares.pop().unwrap_or_default();
                 (
                     std::mem::take(&mut inner.full),
-                    std::mem::replace(&mut inner.cur, next),
+                    std::mem::take(&mut inner.cur),
                 )
             };
             got = true;
-            for mut chunk in full.into_iter().chain(std::iter::once(cur)) {
-                chunk.drain(..).for_each(|e| self.ingest(e));
-                if chunk.capacity() >= CHUNK && self.spares.len() < MAX_SPARES {
-                    self.spares.push(chunk);
-                }
+            for chunk in full {
+                chunk.into_iter().for_each(|e| self.ingest(e));
             }
+            cur.into_iter().for_each(|e| self.ingest(e));
         }
         if dead {
             self.shared

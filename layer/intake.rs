@@ -52,8 +52,6 @@ pub(crate) struct SlotInner {
     pub(crate) full: Vec<Vec<Entry>>,
     /// Set by the engine's final sweep: nothing pushed after it would be seen.
     pub(crate) closed: bool,
-    /// Empty chunk buffers the engine handed back, for the next chunks.
-    pub(crate) spare: Vec<Vec<Entry>>,
 }
 
 #[derive(Default)]
@@ -459,16 +457,12 @@ impl Shared {
         }
         let was_empty = inner.cur.is_empty();
         if was_empty && inner.cur.capacity() == 0 {
-            match inner.spare.pop() {
-                Some(v) => inner.cur = v,
-                None => inner.cur.reserve_exact(CHUNK),
-            }
+            inner.cur.reserve_exact(CHUNK);
         }
         inner.cur.push(entry);
         let full = inner.cur.len() >= CHUNK;
         if full {
-            let next = inner.spare.pop().unwrap_or_else(|| Vec::with_capacity(CHUNK));
-            let chunk = std::mem::replace(&mut inner.cur, next);
+            let chunk = std::mem::replace(&mut inner.cur, Vec::with_capacity(CHUNK));
             inner.full.push(chunk);
         }
         drop(inner);
