@@ -207,10 +207,12 @@ fn best_of(rounds: impl Iterator<Item = PublishResult>) -> PublishResult {
     rounds.fold(
         PublishResult {
             caller_ns: f64::INFINITY,
+            caller_cpu_ns: f64::INFINITY,
             events_per_s: 0.0,
         },
         |b, r| PublishResult {
             caller_ns: b.caller_ns.min(r.caller_ns),
+            caller_cpu_ns: b.caller_cpu_ns.min(r.caller_cpu_ns),
             events_per_s: b.events_per_s.max(r.events_per_s),
         },
     )
@@ -226,11 +228,20 @@ fn bus_publish(n: u64, rows: &mut Vec<Row>) {
         let s = best_of(ours.into_iter());
         let p = best_of(peers.into_iter());
         rows.push(row(
-            format!("publish caller cost, {threads} thread(s), ns/event (best of {PUBLISH_ROUNDS})"),
+            format!(
+                "publish caller cost, {threads} thread(s), ns/event (best of {PUBLISH_ROUNDS})"
+            ),
             format!("{:.0}", s.caller_ns),
             format!("{:.0}", p.caller_ns),
             s.caller_ns / p.caller_ns,
             if threads == 1 { "<= 150 ns" } else { "" },
+        ));
+        rows.push(row(
+            format!("  the same, caller thread CPU time, ns/event"),
+            format!("{:.0}", s.caller_cpu_ns),
+            format!("{:.0}", p.caller_cpu_ns),
+            s.caller_cpu_ns / p.caller_cpu_ns,
+            "",
         ));
         if threads == 1 {
             rows.push(row(
@@ -327,8 +338,48 @@ fn print_table(rows: &[Row]) {
 }
 
 struct PublishResult {
+    /// Caller wall time per event.
     caller_ns: f64,
+    /// Caller thread CPU time per event (not inflated when the OS runs
+    /// another thread on the caller's core).
+    caller_cpu_ns: f64,
     events_per_s: f64,
+}
+
+/// Runs `publish(i)` for `per` values of `i` on each of `threads` threads;
+/// returns the mean wall and CPU time per event per thread.
+fn timed_publishers(
+    threads: u64,
+    per: u64,
+    name: &str,
+    publish: impl Fn(u64) + Clone + Send + 'static,
+) -> (f64, f64) {
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let publish = publish.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let (t, cpu) = (Instant::now(), crate::bench_logs::thread_cpu_ns());
+                    for i in 0..per {
+                        publish(i);
+                    }
+                    let cpu = cpu
+                        .zip(crate::bench_logs::thread_cpu_ns())
+                        .map_or(f64::NAN, |(a, b)| b.saturating_sub(a) as f64);
+                    (t.elapsed().as_nanos() as f64, cpu)
+                })
+        })
+        .collect();
+    let times: Vec<(f64, f64)> = handles
+        .into_iter()
+        .filter_map(|h| h.ok()?.join().ok())
+        .collect();
+    let k = times.len().max(1) as f64 * per as f64;
+    (
+        times.iter().map(|t| t.0).sum::<f64>() / k,
+        times.iter().map(|t| t.1).sum::<f64>() / k,
+    )
 }
 
 /// Times `n` publishes on a batched prefix split over `threads` threads.
@@ -344,6 +395,7 @@ fn spillway_publish(n: u64, threads: u64) -> PublishResult {
     let Ok((engine, guard)) = Engine::builder(config).build() else {
         return PublishResult {
             caller_ns: f64::NAN,
+            caller_cpu_ns: f64::NAN,
             events_per_s: f64::NAN,
         };
     };
@@ -351,32 +403,18 @@ fn spillway_publish(n: u64, threads: u64) -> PublishResult {
     let counter = Worker::new(Duration::ZERO);
     let _ = bus.subscribe("bench:*", counter.clone());
     let start = Instant::now();
-    let per = n / threads;
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let bus = bus.clone();
-            std::thread::Builder::new()
-                .name("pub-spillway".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    for i in 0..per {
-                        let _ = bus.publish("bench:users:created", Value::from(i));
-                    }
-                    t.elapsed()
-                })
-        })
-        .collect();
-    let times: Vec<Duration> = handles
-        .into_iter()
-        .filter_map(|h| h.ok()?.join().ok())
-        .collect();
+    let b = bus.clone();
+    let (caller_ns, caller_cpu_ns) =
+        timed_publishers(threads, n / threads, "pub-spillway", move |i| {
+            let _ = b.publish("bench:users:created", Value::from(i));
+        });
     let _ = bus.flush();
     let total = start.elapsed();
     drop(guard);
     let delivered = counter.events.load(std::sync::atomic::Ordering::Relaxed);
-    let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64;
     PublishResult {
-        caller_ns: mean * 1e9 / per as f64,
+        caller_ns,
+        caller_cpu_ns,
         events_per_s: delivered as f64 / total.as_secs_f64(),
     }
 }
@@ -387,32 +425,17 @@ fn peer_publish(n: u64, threads: u64) -> PublishResult {
     let counter = Worker::new(Duration::ZERO);
     peer.subscribe("bench:*", counter.clone());
     let start = Instant::now();
-    let per = n / threads;
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let peer = peer.clone();
-            std::thread::Builder::new()
-                .name("pub-peer".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    for i in 0..per {
-                        peer.send(BusEvent::new("bench:users:created", Value::from(i)));
-                    }
-                    t.elapsed()
-                })
-        })
-        .collect();
-    let times: Vec<Duration> = handles
-        .into_iter()
-        .filter_map(|h| h.ok()?.join().ok())
-        .collect();
+    let p = peer.clone();
+    let (caller_ns, caller_cpu_ns) = timed_publishers(threads, n / threads, "pub-peer", move |i| {
+        p.send(BusEvent::new("bench:users:created", Value::from(i)));
+    });
     peer.settle();
     let total = start.elapsed();
     peer.close();
     let delivered = counter.events.load(std::sync::atomic::Ordering::Relaxed);
-    let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len().max(1) as f64;
     PublishResult {
-        caller_ns: mean * 1e9 / per as f64,
+        caller_ns,
+        caller_cpu_ns,
         events_per_s: delivered as f64 / total.as_secs_f64(),
     }
 }

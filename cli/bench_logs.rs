@@ -26,7 +26,7 @@ fn emit(n: u64) {
 }
 
 /// CPU time of the calling thread (Linux `/proc/thread-self/schedstat`).
-fn thread_cpu_ns() -> Option<u64> {
+pub(crate) fn thread_cpu_ns() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     text.split_whitespace().next()?.parse().ok()
 }
