@@ -237,7 +237,7 @@ fn bus_publish(n: u64, rows: &mut Vec<Row>) {
             if threads == 1 { "<= 150 ns" } else { "" },
         ));
         rows.push(row(
-            format!("  the same, caller thread CPU time, ns/event"),
+            "  the same, caller thread CPU time, ns/event",
             format!("{:.0}", s.caller_cpu_ns),
             format!("{:.0}", p.caller_cpu_ns),
             s.caller_cpu_ns / p.caller_cpu_ns,
