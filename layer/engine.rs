@@ -43,6 +43,10 @@ use crate::layer::summary::{StatsReducer, Summarizer};
 /// How long the engine lets records collect in publishers' slots before it
 /// sweeps them, while records are flowing: 1 ms.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(1);
+/// Prefixes the per-prefix stats keep before quiet ones are folded together.
+pub const MAX_STATS_PREFIXES: usize = 4096;
+/// The stats entry that quiet prefixes are folded into past [`MAX_STATS_PREFIXES`].
+pub const PRUNED_PREFIXES: &str = "(pruned quiet prefixes)";
 /// Passthrough events waiting for delivery before new ones are dropped (and counted).
 pub const PASSTHROUGH_QUEUE: usize = 65_536;
 /// Default deadline for [`Engine::flush`]: 30 s.
@@ -1129,6 +1133,21 @@ impl EngineState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, s| Arc::strong_count(s) > 1 || s.load(Ordering::Relaxed) > 0);
+        // Per-prefix counters stay while there are at most MAX_STATS_PREFIXES;
+        // past that, those of pruned (quiet) prefixes fold into one entry,
+        // so names that carry ids (`sentinel:{handle}`) do not grow it forever.
+        if self.stats.len() > MAX_STATS_PREFIXES {
+            let mut folded = PrefixStats::default();
+            let accs = &self.accs;
+            self.stats.retain(|prefix, st| {
+                let keep = accs.contains_key(prefix.as_ref());
+                if !keep {
+                    folded.add(st);
+                }
+                keep
+            });
+            stat_mut(&mut self.stats, PRUNED_PREFIXES).add(&folded);
+        }
     }
 
     fn snapshot(&self) -> Stats {
