@@ -224,7 +224,7 @@ impl FrameReader {
                 Probe::Incomplete => {
                     // Incomplete at the end of the file: still being written,
                     // unless a whole frame follows it (then it was cut short).
-                    return match self.find_frame(at + 1, false)? {
+                    return match self.find_frame(at + 1, false, false)? {
                         Some(next) => {
                             self.pos = next;
                             let cut = next - at;
@@ -237,7 +237,9 @@ impl FrameReader {
                     };
                 }
                 Probe::Bad(reason) => {
-                    let next = match self.find_frame(at + 1, true)? {
+                    // The position moves past the damage whatever is found, so
+                    // the scan may drop what it has passed.
+                    let next = match self.find_frame(at + 1, true, true)? {
                         Some(next) => next,
                         None => self.data_end() - partial_magic_suffix(self.tail(at + 1)) as u64,
                     };
@@ -341,8 +343,15 @@ impl FrameReader {
 
     /// The offset of the first zstd frame at or after `from` that decodes,
     /// or (with `incomplete_ok`) that is still incomplete at the end of the
-    /// file.
-    fn find_frame(&mut self, from: u64, incomplete_ok: bool) -> io::Result<Option<u64>> {
+    /// file. With `discard`, bytes the scan has passed are dropped from the
+    /// buffer as it goes, so a long damaged region is not held in memory
+    /// (only for callers that will not read before the result again).
+    fn find_frame(
+        &mut self,
+        from: u64,
+        incomplete_ok: bool,
+        discard: bool,
+    ) -> io::Result<Option<u64>> {
         let mut search = from;
         loop {
             let found = find_magic(self.tail(search));
@@ -359,6 +368,12 @@ impl FrameReader {
                     // A magic may straddle the end of what was read so far.
                     let keep = partial_magic_suffix(self.tail(search)) as u64;
                     let next = self.data_end() - keep;
+                    if discard {
+                        let passed =
+                            (next.saturating_sub(self.buf_start) as usize).min(self.buf.len());
+                        self.buf.drain(..passed);
+                        self.buf_start += passed as u64;
+                    }
                     if self.fill()? == 0 {
                         return Ok(None);
                     }
@@ -764,6 +779,28 @@ mod tests {
 
     fn all(r: &mut FrameReader) -> Vec<std::result::Result<Frame, Damage>> {
         std::iter::from_fn(|| r.next_frame()).collect()
+    }
+
+    // Catches the scan past damage holding the whole damaged region in
+    // memory (a multi-GB file with a long run of garbage would be read whole).
+    #[test]
+    fn a_long_damaged_region_is_skipped_without_buffering_it_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = frame(&[r#"{"n":1}"#]);
+        let b = frame(&[r#"{"n":2}"#]);
+        let garbage = vec![0x5a_u8; 8 * READ_CHUNK];
+        let path = write(dir.path(), &[&a, &garbage, &b]);
+        let mut r = FrameReader::open(&path, 0).expect("open");
+        let got = all(&mut r);
+        assert_eq!(got.len(), 3, "frame, damage, frame");
+        assert!(got[1].is_err());
+        assert_eq!(got[2].as_ref().expect("last frame").lines, [r#"{"n":2}"#]);
+        assert!(
+            r.buf.capacity() <= 3 * READ_CHUNK,
+            "buffer grew to {} bytes for an {} byte damaged region",
+            r.buf.capacity(),
+            garbage.len()
+        );
     }
 
     // Catches a reader that loses frames or misreports their offsets (the
