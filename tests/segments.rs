@@ -985,3 +985,21 @@ fn a_stray_file_in_a_stream_folder_does_not_stop_the_writer() {
         .collect();
     assert_eq!(ours.len(), 1, "{ours:?}");
 }
+
+// Catches two writers on one data directory: the second would cut the first
+// one's live file as a "torn tail" on open. It must be refused, by name.
+#[test]
+fn a_second_writer_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SegmentSink::open(dir.path(), SegmentConfig::default()).unwrap();
+    let err = SegmentSink::open(dir.path(), SegmentConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("in use") && err.contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+    drop(first);
+    SegmentSink::open(dir.path(), SegmentConfig::default())
+        .expect("free again once the first is gone");
+}

@@ -52,7 +52,12 @@ pub struct SegmentSink {
     next_seq: u32,
     last_retention: Instant,
     recovered: Vec<Damage>,
+    /// Held for the sink's life: one writer per data directory.
+    _lock: File,
 }
+
+/// The lock file that makes a data directory single-writer.
+const LOCK_FILE: &str = ".writer.lock";
 
 impl std::fmt::Debug for SegmentSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -92,6 +97,34 @@ impl SegmentSink {
         config.validate()?;
         let data_dir = data_dir.as_ref().to_path_buf();
         create_dir_private(&data_dir.join(SEGMENTS_DIR))?;
+        // Two writers would cut each other's live files on open: refuse the second.
+        let lock_path = data_dir.join(SEGMENTS_DIR).join(LOCK_FILE);
+        let mut options = OpenOptions::new();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let lock = options
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| Error::io("cannot open the writer lock", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Other(format!(
+                    "data directory {} is in use: another writer holds {}",
+                    data_dir.display(),
+                    lock_path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io("cannot lock", &lock_path, e))
+            }
+        }
         let mut compressor = zstd::bulk::Compressor::new(config.compression_level)
             .map_err(|e| Error::Other(format!("cannot start zstd compressor: {e}")))?;
         compressor
@@ -116,6 +149,7 @@ impl SegmentSink {
             next_seq: 0,
             last_retention: Instant::now(),
             recovered: Vec::new(),
+            _lock: lock,
         };
         for w in sink.streams.iter_mut() {
             let files = list_stream(&sink.data_dir, w.stream)?;
