@@ -846,32 +846,7 @@ impl EngineState {
             Some(v) => v,
             None => self.accs.entry(prefix.into()).or_default(),
         };
-        let idx = match accs
-            .iter()
-            .position(|a| a.policy == policy_idx && a.kind == kind)
-        {
-            Some(i) => i,
-            None => {
-                accs.push(Acc {
-                    prefix: prefix.into(),
-                    share: self.shared.share_for(prefix),
-                    policy: policy_idx,
-                    kind,
-                    events: Vec::new(),
-                    logs: Vec::new(),
-                    bytes: 0,
-                    first_ts: 0,
-                    last_ts: 0,
-                    dropped: 0,
-                    dropped_since: None,
-                    generation: 0,
-                    urgent: false,
-                    last_active: Instant::now(),
-                    pending: PrefixStats::default(),
-                });
-                accs.len() - 1
-            }
-        };
+        let idx = acc_index(accs, &self.shared, prefix, policy_idx, kind);
         self.key_buf = key;
         let acc = &mut accs[idx];
         acc.pending.accepted += 1;
@@ -961,32 +936,7 @@ impl EngineState {
         for ((prefix, policy, kind), (n, since)) in drops {
             stat_mut(&mut self.stats, &prefix).dropped += n;
             let accs = self.accs.entry(prefix.clone()).or_default();
-            let idx = match accs
-                .iter()
-                .position(|a| a.policy == policy && a.kind == kind)
-            {
-                Some(i) => i,
-                None => {
-                    accs.push(Acc {
-                        prefix: prefix.as_ref().into(),
-                        share: self.shared.share_for(&prefix),
-                        policy,
-                        kind,
-                        events: Vec::new(),
-                        logs: Vec::new(),
-                        bytes: 0,
-                        first_ts: since,
-                        last_ts: since,
-                        dropped: 0,
-                        dropped_since: None,
-                        generation: 0,
-                        urgent: false,
-                        last_active: Instant::now(),
-                        pending: PrefixStats::default(),
-                    });
-                    accs.len() - 1
-                }
-            };
+            let idx = acc_index(accs, &self.shared, &prefix, policy, kind);
             let acc = &mut accs[idx];
             acc.dropped += n;
             acc.dropped_since = Some(acc.dropped_since.map_or(since, |s| s.min(since)));
@@ -1187,6 +1137,40 @@ impl EngineState {
         }
         s
     }
+}
+
+/// The accumulator for (`policy`, `kind`) among a prefix's, created if missing.
+fn acc_index(
+    accs: &mut Vec<Acc>,
+    shared: &Shared,
+    prefix: &str,
+    policy: u16,
+    kind: RecordKind,
+) -> usize {
+    if let Some(i) = accs
+        .iter()
+        .position(|a| a.policy == policy && a.kind == kind)
+    {
+        return i;
+    }
+    accs.push(Acc {
+        prefix: prefix.into(),
+        share: shared.share_for(prefix),
+        policy,
+        kind,
+        events: Vec::new(),
+        logs: Vec::new(),
+        bytes: 0,
+        first_ts: 0,
+        last_ts: 0,
+        dropped: 0,
+        dropped_since: None,
+        generation: 0,
+        urgent: false,
+        last_active: Instant::now(),
+        pending: PrefixStats::default(),
+    });
+    accs.len() - 1
 }
 
 fn stat_mut<'a>(stats: &'a mut FxMap<Arc<str>, PrefixStats>, prefix: &str) -> &'a mut PrefixStats {
