@@ -1086,18 +1086,10 @@ impl EngineState {
         // Per-prefix counters stay while there are at most MAX_STATS_PREFIXES;
         // past that, those of pruned (quiet) prefixes fold into one entry,
         // so names that carry ids (`sentinel:{handle}`) do not grow it forever.
-        if self.stats.len() > MAX_STATS_PREFIXES {
-            let mut folded = PrefixStats::default();
-            let accs = &self.accs;
-            self.stats.retain(|prefix, st| {
-                let keep = accs.contains_key(prefix.as_ref());
-                if !keep {
-                    folded.add(st);
-                }
-                keep
-            });
-            stat_mut(&mut self.stats, PRUNED_PREFIXES).add(&folded);
-        }
+        let accs = &self.accs;
+        fold_quiet_stats(&mut self.stats, MAX_STATS_PREFIXES, |p| {
+            accs.contains_key(p)
+        });
     }
 
     fn snapshot(&self) -> Stats {
@@ -1137,6 +1129,27 @@ impl EngineState {
         }
         s
     }
+}
+
+/// Past `max` prefixes, folds the counters of those `live` says are gone
+/// into the [`PRUNED_PREFIXES`] entry.
+fn fold_quiet_stats(
+    stats: &mut FxMap<Arc<str>, PrefixStats>,
+    max: usize,
+    live: impl Fn(&str) -> bool,
+) {
+    if stats.len() <= max {
+        return;
+    }
+    let mut folded = PrefixStats::default();
+    stats.retain(|prefix, st| {
+        let keep = live(prefix) || &**prefix == PRUNED_PREFIXES;
+        if !keep {
+            folded.add(st);
+        }
+        keep
+    });
+    stat_mut(stats, PRUNED_PREFIXES).add(&folded);
 }
 
 /// The accumulator for (`policy`, `kind`) among a prefix's, created if missing.
@@ -1333,5 +1346,38 @@ fn passthrough_loop(shared: Arc<Shared>, rx: Receiver<PtMsg>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Catches per-prefix stats growing without bound when names carry ids,
+    // and folding that loses counts or drops live prefixes.
+    #[test]
+    fn quiet_prefixes_fold_into_one_entry_past_the_limit() {
+        let mut stats: FxMap<Arc<str>, PrefixStats> = FxMap::default();
+        for i in 0..10 {
+            let st = stat_mut(&mut stats, &format!("sentinel:{i}"));
+            st.accepted = 3;
+            st.batches = 1;
+        }
+        fold_quiet_stats(&mut stats, 20, |_| false);
+        assert_eq!(stats.len(), 10, "under the limit nothing folds");
+        fold_quiet_stats(&mut stats, 4, |p| p == "sentinel:7");
+        assert_eq!(stats.len(), 2);
+        assert_eq!(stats["sentinel:7"].accepted, 3);
+        let pruned = &stats[PRUNED_PREFIXES];
+        assert_eq!(
+            (pruned.accepted, pruned.batches),
+            (27, 9),
+            "nothing lost in the fold"
+        );
+        // A second fold adds to the entry instead of folding it into itself.
+        stat_mut(&mut stats, "sentinel:99").accepted = 1;
+        stat_mut(&mut stats, "sentinel:98").accepted = 1;
+        fold_quiet_stats(&mut stats, 2, |p| p == "sentinel:7");
+        assert_eq!(stats[PRUNED_PREFIXES].accepted, 29);
     }
 }
