@@ -201,26 +201,37 @@ impl Shared {
 
     /// Accepts a bus event or sample. Returns once it is queued (or counted as dropped).
     pub(crate) fn submit_event(self: &Arc<Self>, ev: BusEvent, kind: RecordKind) -> Result<()> {
+        self.submit(
+            ev,
+            |local, ev| self.push_event(local, ev, kind),
+            |ev| self.submit_event_slow(ev, kind),
+        )
+    }
+
+    /// Hands `item` to `fast` with this thread's slot; when the thread-local
+    /// state is out of reach (re-entered from inside the hot path, or during
+    /// thread teardown), to `slow`, which goes through the control channel.
+    fn submit<T>(
+        self: &Arc<Self>,
+        item: T,
+        fast: impl FnOnce(&mut Local, T) -> Result<()>,
+        slow: impl FnOnce(T) -> Result<()>,
+    ) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        let mut ev = Some(ev);
+        let mut item = Some(item);
         let res = LOCALS.try_with(|cell| {
             let Ok(mut locals) = cell.try_borrow_mut() else {
                 return None;
             };
-            let ev = ev.take()?;
-            let local = local_for(&mut locals, self);
-            Some(self.push_event(local, ev, kind))
+            let item = item.take()?;
+            Some(fast(local_for(&mut locals, self), item))
         });
-        match res {
-            Ok(Some(r)) => r,
-            // Re-entered from inside the hot path, or during thread teardown:
-            // take the slow path through the control channel.
-            _ => match ev.take() {
-                Some(ev) => self.submit_event_slow(ev, kind),
-                None => Ok(()),
-            },
+        match (res, item.take()) {
+            (Ok(Some(r)), _) => r,
+            (_, Some(item)) => slow(item),
+            (_, None) => Ok(()),
         }
     }
 
@@ -301,51 +312,39 @@ impl Shared {
 
     /// Accepts a log record. `urgent` closes its batch at the next sweep.
     pub(crate) fn submit_log(self: &Arc<Self>, rec: Box<LogRecord>, urgent: bool) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+        self.submit(
+            rec,
+            |local, rec| self.push_log(local, rec, urgent),
+            |rec| self.submit_log_slow(rec, urgent),
+        )
+    }
+
+    fn submit_log_slow(&self, rec: Box<LogRecord>, urgent: bool) -> Result<()> {
+        let route = self.route(&rec.key());
+        let size = estimate_log(&rec);
+        route.share.fetch_add(size, Ordering::Relaxed);
+        if !self.budget.try_acquire(size, urgent) {
+            route.share.fetch_sub(size, Ordering::Relaxed);
+            let key = rec.key();
+            self.count_drop(
+                prefix_of(&key, self.prefix_depth_of(route.policy)),
+                route.policy,
+                RecordKind::Log,
+                rec.ts_ns,
+            );
+            return Ok(());
+        }
+        let entry = Entry::Log {
+            rec,
+            policy: route.policy,
+            size: size as u32,
+            flags: if urgent { F_URGENT } else { 0 },
+        };
+        if self.send_ctl(CtlMsg::Entries(vec![entry])).is_some() {
+            self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
-        let mut rec = Some(rec);
-        let res = LOCALS.try_with(|cell| {
-            let Ok(mut locals) = cell.try_borrow_mut() else {
-                return None;
-            };
-            let rec = rec.take()?;
-            let local = local_for(&mut locals, self);
-            Some(self.push_log(local, rec, urgent))
-        });
-        match res {
-            Ok(Some(r)) => r,
-            _ => match rec.take() {
-                Some(rec) => {
-                    let route = self.route(&rec.key());
-                    let size = estimate_log(&rec);
-                    route.share.fetch_add(size, Ordering::Relaxed);
-                    if !self.budget.try_acquire(size, urgent) {
-                        route.share.fetch_sub(size, Ordering::Relaxed);
-                        let key = rec.key();
-                        self.count_drop(
-                            prefix_of(&key, self.prefix_depth_of(route.policy)),
-                            route.policy,
-                            RecordKind::Log,
-                            rec.ts_ns,
-                        );
-                        return Ok(());
-                    }
-                    let entry = Entry::Log {
-                        rec,
-                        policy: route.policy,
-                        size: size as u32,
-                        flags: if urgent { F_URGENT } else { 0 },
-                    };
-                    if self.send_ctl(CtlMsg::Entries(vec![entry])).is_some() {
-                        self.give_back(&route.share, size);
-                        return Err(Error::ShutDown);
-                    }
-                    Ok(())
-                }
-                None => Ok(()),
-            },
-        }
+        Ok(())
     }
 
     fn push_log(&self, local: &mut Local, rec: Box<LogRecord>, urgent: bool) -> Result<()> {

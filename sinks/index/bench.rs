@@ -32,7 +32,17 @@ use crate::sinks::segment::{list_segments, SegmentConfig, SegmentSink};
 /// and a 10 M-row index for the query latency (a few minutes, ~3 GB of
 /// temporary disk).
 pub fn run(quick: bool) -> Result<Vec<(String, f64, f64)>> {
-    let dir = TempDir::new()?;
+    // tempfile creates it owner-only (0700) and removes it on drop.
+    let dir = tempfile::Builder::new()
+        .prefix("spillway-index-bench")
+        .tempdir()
+        .map_err(|e| {
+            Error::io(
+                "cannot create a temporary directory in",
+                std::env::temp_dir(),
+                e,
+            )
+        })?;
     let n = if quick { 100_000 } else { 1_000_000 };
     let mut out = Vec::new();
 
@@ -323,29 +333,4 @@ fn query_latency(dir: &Path) -> Result<f64> {
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
-}
-
-/// A directory under the system's temporary folder, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new() -> Result<TempDir> {
-        let path = std::env::temp_dir().join(format!(
-            "spillway-index-bench-{}-{}",
-            std::process::id(),
-            now_ns()
-        ));
-        crate::sinks::index::schema::ensure_private_dir(&path)?;
-        Ok(TempDir(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
