@@ -30,7 +30,8 @@ pub use layer::config::{default_rules, BatchConfig, BatchConfigBuilder, OnFull, 
 pub use layer::engine::{Engine, EngineBuilder, Guard, PrefixStats, Sink, Stats};
 pub use layer::name::{prefix_of, validate_name, Pattern};
 pub use layer::record::{
-    now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, RecordKind, Records, SpanRecord,
+    now_ns, rfc3339, Batch, BusEvent, FieldValue, Level, LogRecord, Payload, RecordKind, Records,
+    SpanRecord,
 };
 pub use layer::summary::{StatsReducer, Summarizer};
 pub use layer::tracing_layer::{LogConfig, SpillwayLayer, SpillwayLayerBuilder};

@@ -31,8 +31,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use serde_json::Value;
-
 use crate::error::Result;
 use crate::layer::engine::{Engine, Shared, Stats, SubEntry};
 use crate::layer::name::Pattern;
@@ -151,8 +149,9 @@ impl BatchingBus {
         }
     }
 
-    /// Publishes one event: the only call a publisher needs.
-    pub fn publish(&self, name: impl Into<String>, payload: impl Into<Arc<Value>>) -> Result<()> {
+    /// Publishes one event: the only call a publisher needs. The payload is
+    /// a [`serde_json::Value`] or an `Arc<Value>` (see [`Payload`](crate::Payload)).
+    pub fn publish(&self, name: impl AsRef<str>, payload: impl Into<crate::Payload>) -> Result<()> {
         self.engine.publish(name, payload)
     }
 

@@ -26,17 +26,18 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::layer::budget::{Budget, Reservation};
 use crate::layer::bus::{BatchAwareSubscriber, InnerBus};
 use crate::layer::config::BatchConfig;
-use crate::layer::intake::{Entry, FxMap, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT};
+use crate::layer::intake::{
+    Chunk, Entry, FxMap, Slot, CHUNK, F_EVICT, F_PASSTHROUGH, F_URGENT, SPARE_CHUNKS,
+};
 use crate::layer::name::{prefix_of, Pattern};
 use crate::layer::record::{
-    estimate_log, estimate_value, now_ns, resync_clock, Batch, BusEvent, LogRecord, RecordKind,
-    Records,
+    estimate_log, estimate_value, now_ns, resync_clock, Batch, BusEvent, LogRecord, Payload,
+    RecordKind, Records,
 };
 use crate::layer::summary::{StatsReducer, Summarizer};
 
@@ -49,6 +50,10 @@ pub const MAX_STATS_PREFIXES: usize = 4096;
 pub const PRUNED_PREFIXES: &str = "(pruned quiet prefixes)";
 /// Passthrough events waiting for delivery before new ones are dropped (and counted).
 pub const PASSTHROUGH_QUEUE: usize = 65_536;
+
+/// Emptied event vectors the engine keeps for reuse, and the largest it keeps.
+const SPARE_EVENT_VECS: usize = 32;
+const SPARE_EVENTS_MAX_LEN: usize = 1024;
 /// Default deadline for [`Engine::flush`]: 30 s.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -163,7 +168,7 @@ impl Completion {
 }
 
 pub(crate) enum CtlMsg {
-    Entries(Vec<Entry>),
+    Entries(Chunk),
     Flush(Arc<Completion>),
     Stats(mpsc::Sender<Stats>),
     Stop(Arc<Completion>),
@@ -343,6 +348,7 @@ impl EngineBuilder {
         let (pt_tx, pt_rx) = mpsc::channel();
         let (sink_tx, sink_rx) = mpsc::channel();
         let (disp_tx, disp_rx) = mpsc::channel();
+        let (spent_tx, spent_rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
             budget: Budget::new(self.config.memory_budget),
@@ -375,14 +381,15 @@ impl EngineBuilder {
         let has_sinks = !self.sinks.is_empty();
         let s = shared.clone();
         let sinks = self.sinks;
+        let spent = spent_tx.clone();
         spawn(
             "spillway-sink",
-            Box::new(move || sink_loop(s, sinks, sink_rx)),
+            Box::new(move || sink_loop(s, sinks, sink_rx, spent)),
         )?;
         let s = shared.clone();
         spawn(
             "spillway-dispatch",
-            Box::new(move || dispatch_loop(s, disp_rx)),
+            Box::new(move || dispatch_loop(s, disp_rx, spent_tx)),
         )?;
         let s = shared.clone();
         spawn(
@@ -405,6 +412,8 @@ impl EngineBuilder {
                     disp_tx,
                     summarizers,
                     key_buf: String::new(),
+                    spent: spent_rx,
+                    spare_events: Vec::new(),
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
                     last_resync: Instant::now(),
@@ -452,24 +461,28 @@ impl Engine {
     /// Publishes a bus event. Passthrough names are delivered at once; the rest
     /// are batched by prefix. Fails only on an invalid name or after shutdown;
     /// a record refused for lack of memory is counted as dropped, not an error.
-    pub fn publish(&self, name: impl Into<String>, payload: impl Into<Arc<Value>>) -> Result<()> {
+    ///
+    /// The payload may be a [`serde_json::Value`] (moved in as it is) or an
+    /// `Arc<Value>` already shared; see [`Payload`].
+    pub fn publish(&self, name: impl AsRef<str>, payload: impl Into<Payload>) -> Result<()> {
         self.shared
-            .submit_event(BusEvent::new(name, payload), RecordKind::Event)
+            .submit_event(name.as_ref(), payload.into(), now_ns(), RecordKind::Event)
     }
 
     /// Publishes a prepared event (keeps its timestamp).
     pub fn publish_event(&self, event: BusEvent) -> Result<()> {
-        self.shared.submit_event(event, RecordKind::Event)
+        self.shared.submit_event(
+            &event.name,
+            event.payload.into(),
+            event.ts_ns,
+            RecordKind::Event,
+        )
     }
 
     /// Publishes a telemetry sample (batched like an event, marked `sample`).
-    pub fn publish_sample(
-        &self,
-        name: impl Into<String>,
-        payload: impl Into<Arc<Value>>,
-    ) -> Result<()> {
+    pub fn publish_sample(&self, name: impl AsRef<str>, payload: impl Into<Payload>) -> Result<()> {
         self.shared
-            .submit_event(BusEvent::new(name, payload), RecordKind::Sample)
+            .submit_event(name.as_ref(), payload.into(), now_ns(), RecordKind::Sample)
     }
 
     /// Submits a log record under the key `log:<target>`. `urgent` records
@@ -671,6 +684,10 @@ struct EngineState {
     disp_tx: Sender<OutMsg>,
     summarizers: HashMap<String, Arc<dyn Summarizer>>,
     key_buf: String,
+    /// Delivered batches' events, handed back to be freed here (see `retire`).
+    spent: Receiver<Vec<BusEvent>>,
+    /// Emptied event vectors, reused for new batches.
+    spare_events: Vec<Vec<BusEvent>>,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
     last_prune: Instant,
     last_resync: Instant,
@@ -684,13 +701,16 @@ impl EngineState {
             let mut stats_requests = Vec::new();
             while let Ok(msg) = ctl.try_recv() {
                 match msg {
-                    CtlMsg::Entries(entries) => entries.into_iter().for_each(|e| self.ingest(e)),
+                    CtlMsg::Entries(chunk) => {
+                        self.ingest_chunk(chunk);
+                    }
                     CtlMsg::Flush(c) => flushes.push(c),
                     CtlMsg::Stats(tx) => stats_requests.push(tx),
                     CtlMsg::Stop(c) => stop = Some(c),
                 }
             }
             self.shared.chunk_ready.store(false, Ordering::Release);
+            self.reclaim();
             let got = self.sweep();
             self.merge_drops();
             // Answered after the sweep, so a caller sees what it published before asking.
@@ -717,6 +737,19 @@ impl EngineState {
                 resync_clock();
             }
             self.sleep(got);
+        }
+    }
+
+    /// Frees the events of delivered batches (they were allocated on this
+    /// thread) and keeps a few of their vectors for the next batches.
+    fn reclaim(&mut self) {
+        while let Ok(mut events) = self.spent.try_recv() {
+            events.clear();
+            if self.spare_events.len() < SPARE_EVENT_VECS
+                && events.capacity() <= SPARE_EVENTS_MAX_LEN
+            {
+                self.spare_events.push(events);
+            }
         }
     }
 
@@ -765,20 +798,25 @@ impl EngineState {
             let (full, cur) = {
                 let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
                 inner.closed |= close;
-                if inner.cur.is_empty() && inner.full.is_empty() {
+                if inner.cur.entries.is_empty() && inner.full.is_empty() {
                     dead |= slot.dead.load(Ordering::Acquire);
                     continue;
                 }
-                (
-                    std::mem::take(&mut inner.full),
-                    std::mem::take(&mut inner.cur),
-                )
+                (std::mem::take(&mut inner.full), inner.take_cur(false))
             };
             got = true;
-            for chunk in full {
-                chunk.into_iter().for_each(|e| self.ingest(e));
+            let mut spare = Vec::new();
+            for chunk in full.into_iter().chain([cur]) {
+                let entries = self.ingest_chunk(chunk);
+                if entries.capacity() >= CHUNK && spare.len() < SPARE_CHUNKS {
+                    spare.push(entries);
+                }
             }
-            cur.into_iter().for_each(|e| self.ingest(e));
+            if !spare.is_empty() {
+                let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+                let room = SPARE_CHUNKS.saturating_sub(inner.spare.len());
+                inner.spare.extend(spare.into_iter().take(room));
+            }
         }
         if dead {
             self.shared
@@ -788,14 +826,23 @@ impl EngineState {
                 .retain(|s| {
                     !(s.dead.load(Ordering::Acquire) && {
                         let i = s.inner.lock().unwrap_or_else(|e| e.into_inner());
-                        i.cur.is_empty() && i.full.is_empty()
+                        i.cur.entries.is_empty() && i.full.is_empty()
                     })
                 });
         }
         got
     }
 
-    fn ingest(&mut self, entry: Entry) {
+    /// Ingests a chunk's entries in order; returns its emptied vector for reuse.
+    fn ingest_chunk(&mut self, chunk: Chunk) -> Vec<Entry> {
+        let Chunk { mut entries, names } = chunk;
+        for e in entries.drain(..) {
+            self.ingest(e, &names);
+        }
+        entries
+    }
+
+    fn ingest(&mut self, entry: Entry, names: &[Arc<str>]) {
         let (policy_idx, kind, size, flags) = match &entry {
             Entry::Event {
                 kind,
@@ -824,8 +871,12 @@ impl EngineState {
         let passthrough = flags & F_PASSTHROUGH != 0;
         let mut key = std::mem::take(&mut self.key_buf);
         key.clear();
+        let name: &str = match &entry {
+            Entry::Event { name, .. } => names.get(*name as usize).map_or("", |n| n),
+            Entry::Log { .. } => "",
+        };
         let prefix: &str = match &entry {
-            Entry::Event { ev, .. } => prefix_of(&ev.name, depth),
+            Entry::Event { .. } => prefix_of(name, depth),
             Entry::Log { rec, .. } => {
                 key.push_str("log:");
                 key.push_str(&rec.target);
@@ -879,7 +930,7 @@ impl EngineState {
             evicted = n as u64;
         }
         let ts = match &entry {
-            Entry::Event { ev, .. } => ev.ts_ns,
+            Entry::Event { ts_ns, .. } => *ts_ns,
             Entry::Log { rec, .. } => rec.ts_ns,
         };
         if evicted > 0 {
@@ -914,7 +965,18 @@ impl EngineState {
         acc.last_ts = ts;
         acc.bytes += size;
         match entry {
-            Entry::Event { ev, .. } => acc.events.push(ev),
+            Entry::Event { payload, .. } => {
+                if acc.events.capacity() == 0 {
+                    if let Some(v) = self.spare_events.pop() {
+                        acc.events = v;
+                    }
+                }
+                acc.events.push(BusEvent {
+                    name: name.to_owned(),
+                    payload: payload.into_arc(),
+                    ts_ns: ts,
+                })
+            }
             Entry::Log { rec, .. } => acc.logs.push(*rec),
         }
         let len = acc.len();
@@ -1275,7 +1337,32 @@ fn guarded(shared: &Shared, call: impl FnOnce() -> Result<()>) {
     }
 }
 
-fn sink_loop(shared: Arc<Shared>, mut sinks: Vec<Box<dyn Sink>>, rx: Receiver<OutMsg>) {
+/// Hands a delivered batch's events back to the engine thread, which
+/// allocated their names and payload `Arc`s, to be freed there: the system
+/// allocator (glibc) is cheap when a thread frees what it allocated, and
+/// slow when one thread only allocates while others free. The batch's
+/// budget is released here, at once. When the engine is idle, or another
+/// thread still holds the batch, it is simply dropped.
+fn retire(shared: &Shared, batch: Arc<Batch>, spent: &Sender<Vec<BusEvent>>) {
+    let Ok(mut batch) = Arc::try_unwrap(batch) else {
+        return;
+    };
+    if shared.idle.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Records::Events(events) = &mut batch.records {
+        let events = std::mem::take(events);
+        drop(batch);
+        let _ = spent.send(events);
+    }
+}
+
+fn sink_loop(
+    shared: Arc<Shared>,
+    mut sinks: Vec<Box<dyn Sink>>,
+    rx: Receiver<OutMsg>,
+    spent: Sender<Vec<BusEvent>>,
+) {
     let tick = Duration::from_millis(50);
     let mut last_tick = Instant::now();
     loop {
@@ -1298,6 +1385,7 @@ fn sink_loop(shared: Arc<Shared>, mut sinks: Vec<Box<dyn Sink>>, rx: Receiver<Ou
                         Ok(())
                     });
                 }
+                retire(&shared, b, &spent);
             }
             Ok(OutMsg::Barrier(c)) => {
                 for s in sinks.iter_mut() {
@@ -1319,10 +1407,13 @@ fn sink_loop(shared: Arc<Shared>, mut sinks: Vec<Box<dyn Sink>>, rx: Receiver<Ou
     }
 }
 
-fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>) {
+fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>, spent: Sender<Vec<BusEvent>>) {
     for msg in rx {
         match msg {
-            OutMsg::Batch(b) => crate::layer::bus::dispatch_batch(&shared, &b),
+            OutMsg::Batch(b) => {
+                crate::layer::bus::dispatch_batch(&shared, &b);
+                retire(&shared, b, &spent);
+            }
             OutMsg::Barrier(c) => c.done(),
             OutMsg::Stop(c) => {
                 c.done();

@@ -18,7 +18,9 @@ use crate::error::{Error, Result};
 use crate::layer::config::OnFull;
 use crate::layer::engine::{CtlMsg, Shared};
 use crate::layer::name::{prefix_of, validate_name};
-use crate::layer::record::{estimate_log, estimate_value, BusEvent, LogRecord, RecordKind};
+use crate::layer::record::{
+    estimate_log, estimate_value, BusEvent, LogRecord, Payload, RecordKind,
+};
 
 /// Entries a thread accumulates before handing a chunk to the engine.
 pub(crate) const CHUNK: usize = 256;
@@ -31,8 +33,15 @@ pub(crate) const F_URGENT: u8 = 4;
 
 /// One accepted record on its way to the engine.
 pub(crate) enum Entry {
+    /// A bus event or sample. The engine builds the subscribers' `BusEvent`
+    /// (name `String`, payload `Arc`) from it, so that the publisher
+    /// allocates nothing per event: glibc's malloc is slow for a thread that
+    /// only allocates while other threads free.
     Event {
-        ev: BusEvent,
+        /// Index of the name in its chunk's `names`.
+        name: u16,
+        payload: Payload,
+        ts_ns: i64,
         kind: RecordKind,
         policy: u16,
         size: u32,
@@ -46,12 +55,70 @@ pub(crate) enum Entry {
     },
 }
 
+/// A run of entries from one thread, with the names its events refer to
+/// (each distinct name once per chunk, shared with the thread's route cache).
+#[derive(Default)]
+pub(crate) struct Chunk {
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) names: Vec<Arc<str>>,
+}
+
+impl Chunk {
+    /// A chunk of one entry (the control-channel path).
+    fn single(entry: Entry, name: Option<&str>) -> Chunk {
+        Chunk {
+            entries: vec![entry],
+            names: name.map(Arc::from).into_iter().collect(),
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct SlotInner {
-    pub(crate) cur: Vec<Entry>,
-    pub(crate) full: Vec<Vec<Entry>>,
+    pub(crate) cur: Chunk,
+    pub(crate) full: Vec<Chunk>,
+    /// Emptied entry vectors the engine hands back, so a publisher does not
+    /// allocate a fresh chunk every CHUNK records.
+    pub(crate) spare: Vec<Vec<Entry>>,
+    /// Bumped whenever `cur` is handed on: a route's cached index into
+    /// `cur.names` holds only for the generation it was taken in.
+    generation: u64,
     /// Set by the engine's final sweep: nothing pushed after it would be seen.
     pub(crate) closed: bool,
+}
+
+/// Spare entry vectors a slot keeps at most.
+pub(crate) const SPARE_CHUNKS: usize = 4;
+
+impl SlotInner {
+    /// Takes the current chunk (the engine's sweep, or a publisher when it is full).
+    pub(crate) fn take_cur(&mut self, refill: bool) -> Chunk {
+        self.generation += 1;
+        let entries = if refill {
+            self.spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(CHUNK))
+        } else {
+            Vec::new()
+        };
+        std::mem::replace(
+            &mut self.cur,
+            Chunk {
+                entries,
+                names: Vec::new(),
+            },
+        )
+    }
+
+    /// The index of `route`'s name in the current chunk, adding it once.
+    fn name_index(&mut self, route: &mut Route) -> u16 {
+        if route.name_generation != self.generation {
+            route.name_generation = self.generation;
+            route.name_index = self.cur.names.len() as u16;
+            self.cur.names.push(route.name.clone());
+        }
+        route.name_index
+    }
 }
 
 #[derive(Default)]
@@ -63,6 +130,12 @@ pub(crate) struct Slot {
 /// What a publisher needs to know about a name, resolved once per thread.
 #[derive(Clone)]
 pub(crate) struct Route {
+    /// The name (or log target) this route was resolved for.
+    name: Arc<str>,
+    /// Where `name` sits in the slot's current chunk: valid while the
+    /// slot's generation equals `name_generation`.
+    name_generation: u64,
+    name_index: u16,
     policy: u16,
     passthrough: bool,
     persist: bool,
@@ -129,18 +202,18 @@ pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 /// A thread's cache of resolved routes: one hash lookup per record.
 #[derive(Default)]
 struct RouteCache {
-    index: FxMap<Box<str>, usize>,
+    index: FxMap<Arc<str>, usize>,
     list: Vec<Route>,
 }
 
 impl RouteCache {
-    fn insert(&mut self, key: &str, route: Route) -> &mut Route {
+    fn insert(&mut self, route: Route) -> &mut Route {
         if self.list.len() >= ROUTE_CACHE_MAX {
             self.flush_pending();
             self.index.clear();
             self.list.clear();
         }
-        self.index.insert(key.into(), self.list.len());
+        self.index.insert(route.name.clone(), self.list.len());
         self.list.push(route);
         let last = self.list.len() - 1;
         &mut self.list[last]
@@ -177,11 +250,15 @@ thread_local! {
 }
 
 impl Shared {
-    fn route(&self, key: &str) -> Route {
+    /// Resolves the route of `key`; `name` is what the route cache files it under.
+    fn route(&self, key: &str, name: &str) -> Route {
         let policy = self.config.policy_index(key);
         let p = self.config.policy_at(policy);
         let depth = p.prefix_depth.unwrap_or(self.config.prefix_depth);
         Route {
+            name: Arc::from(name),
+            name_generation: u64::MAX,
+            name_index: 0,
             policy: policy as u16,
             passthrough: p.passthrough,
             persist: p.persist,
@@ -200,11 +277,17 @@ impl Shared {
     }
 
     /// Accepts a bus event or sample. Returns once it is queued (or counted as dropped).
-    pub(crate) fn submit_event(self: &Arc<Self>, ev: BusEvent, kind: RecordKind) -> Result<()> {
+    pub(crate) fn submit_event(
+        self: &Arc<Self>,
+        name: &str,
+        payload: Payload,
+        ts_ns: i64,
+        kind: RecordKind,
+    ) -> Result<()> {
         self.submit(
-            ev,
-            |local, ev| self.push_event(local, ev, kind),
-            |ev| self.submit_event_slow(ev, kind),
+            payload,
+            |local, payload| self.push_event(local, name, payload, ts_ns, kind),
+            |payload| self.submit_event_slow(name, payload, ts_ns, kind),
         )
     }
 
@@ -235,25 +318,37 @@ impl Shared {
         }
     }
 
-    fn push_event(&self, local: &mut Local, ev: BusEvent, kind: RecordKind) -> Result<()> {
+    fn push_event(
+        &self,
+        local: &mut Local,
+        name: &str,
+        mut payload: Payload,
+        ts_ns: i64,
+        kind: RecordKind,
+    ) -> Result<()> {
         let Local {
             routes,
             credit,
             slot,
             ..
         } = local;
-        let route = match routes.index.get(ev.name.as_str()) {
+        let route = match routes.index.get(name) {
             Some(&i) => &mut routes.list[i],
             None => {
-                validate_name(&ev.name)?;
-                routes.insert(&ev.name, self.route(&ev.name))
+                validate_name(name)?;
+                routes.insert(self.route(name, name))
             }
         };
-        let mut size = ev.name.len() + estimate_value(&ev.payload) + 64;
+        let mut size = name.len() + estimate_value(payload.value()) + 64;
         let mut flags = 0;
         let admitted = if route.passthrough {
             flags |= F_PASSTHROUGH;
-            self.deliver_passthrough(&ev, size, route.policy, kind);
+            self.deliver_passthrough(
+                &passthrough_event(name, &mut payload, ts_ns),
+                size,
+                route.policy,
+                kind,
+            );
             if route.persist {
                 // Delivered already: never block the publisher to persist it.
                 self.admit_passthrough(credit, size, route)
@@ -269,18 +364,20 @@ impl Shared {
             Some(extra) => flags |= extra,
             None => {
                 let depth = self.prefix_depth_of(route.policy);
-                self.count_drop(prefix_of(&ev.name, depth), route.policy, kind, ev.ts_ns);
+                self.count_drop(prefix_of(name, depth), route.policy, kind, ts_ns);
                 return Ok(());
             }
         }
         let entry = Entry::Event {
-            ev,
+            name: 0,
+            payload,
+            ts_ns,
             kind,
             policy: route.policy,
             size: size as u32,
             flags,
         };
-        if !self.push_entry(slot, entry) {
+        if !self.push_entry(slot, entry, Some(route)) {
             self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
@@ -320,7 +417,7 @@ impl Shared {
     }
 
     fn submit_log_slow(&self, rec: Box<LogRecord>, urgent: bool) -> Result<()> {
-        let route = self.route(&rec.key());
+        let route = self.route(&rec.key(), &rec.target);
         let size = estimate_log(&rec);
         route.share.fetch_add(size, Ordering::Relaxed);
         if !self.budget.try_acquire(size, urgent) {
@@ -340,7 +437,10 @@ impl Shared {
             size: size as u32,
             flags: if urgent { F_URGENT } else { 0 },
         };
-        if self.send_ctl(CtlMsg::Entries(vec![entry])).is_some() {
+        if self
+            .send_ctl(CtlMsg::Entries(Chunk::single(entry, None)))
+            .is_some()
+        {
             self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
@@ -356,7 +456,7 @@ impl Shared {
         } = local;
         let route = match log_routes.index.get(&*rec.target) {
             Some(&i) => &mut log_routes.list[i],
-            None => log_routes.insert(&rec.target, self.route(&rec.key())),
+            None => log_routes.insert(self.route(&rec.key(), &rec.target)),
         };
         let size = estimate_log(&rec);
         let mut flags = if urgent { F_URGENT } else { 0 };
@@ -379,7 +479,7 @@ impl Shared {
             size: size as u32,
             flags,
         };
-        if !self.push_entry(slot, entry) {
+        if !self.push_entry(slot, entry, None) {
             self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
@@ -447,21 +547,28 @@ impl Shared {
         admitted
     }
 
-    /// Queues `entry` in the thread's slot; `false` once the engine has
-    /// made its final sweep (the caller gives the budget back).
-    fn push_entry(&self, slot: &Slot, entry: Entry) -> bool {
+    /// Queues `entry` in the thread's slot, with its name taken from `route`
+    /// for an event; `false` once the engine has made its final sweep (the
+    /// caller gives the budget back).
+    fn push_entry(&self, slot: &Slot, mut entry: Entry, route: Option<&mut Route>) -> bool {
         let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.closed {
             return false;
         }
-        let was_empty = inner.cur.is_empty();
-        if was_empty && inner.cur.capacity() == 0 {
-            inner.cur.reserve_exact(CHUNK);
+        if let (Entry::Event { name, .. }, Some(route)) = (&mut entry, route) {
+            *name = inner.name_index(route);
         }
-        inner.cur.push(entry);
-        let full = inner.cur.len() >= CHUNK;
+        let was_empty = inner.cur.entries.is_empty();
+        if was_empty && inner.cur.entries.capacity() == 0 {
+            match inner.spare.pop() {
+                Some(v) => inner.cur.entries = v,
+                None => inner.cur.entries.reserve_exact(CHUNK),
+            }
+        }
+        inner.cur.entries.push(entry);
+        let full = inner.cur.entries.len() >= CHUNK;
         if full {
-            let chunk = std::mem::replace(&mut inner.cur, Vec::with_capacity(CHUNK));
+            let chunk = inner.take_cur(true);
             inner.full.push(chunk);
         }
         drop(inner);
@@ -478,34 +585,60 @@ impl Shared {
         true
     }
 
-    fn submit_event_slow(&self, ev: BusEvent, kind: RecordKind) -> Result<()> {
-        validate_name(&ev.name)?;
-        let route = self.route(&ev.name);
-        let size = ev.name.len() + estimate_value(&ev.payload) + 64;
+    fn submit_event_slow(
+        &self,
+        name: &str,
+        mut payload: Payload,
+        ts_ns: i64,
+        kind: RecordKind,
+    ) -> Result<()> {
+        validate_name(name)?;
+        let route = self.route(name, name);
+        let size = name.len() + estimate_value(payload.value()) + 64;
         let mut flags = 0;
         if route.passthrough {
             flags |= F_PASSTHROUGH;
-            self.deliver_passthrough(&ev, size, route.policy, kind);
+            self.deliver_passthrough(
+                &passthrough_event(name, &mut payload, ts_ns),
+                size,
+                route.policy,
+                kind,
+            );
         }
         route.share.fetch_add(size, Ordering::Relaxed);
         if !self.budget.try_acquire(size, route.passthrough) {
             route.share.fetch_sub(size, Ordering::Relaxed);
             let depth = self.prefix_depth_of(route.policy);
-            self.count_drop(prefix_of(&ev.name, depth), route.policy, kind, ev.ts_ns);
+            self.count_drop(prefix_of(name, depth), route.policy, kind, ts_ns);
             return Ok(());
         }
         let entry = Entry::Event {
-            ev,
+            name: 0,
+            payload,
+            ts_ns,
             kind,
             policy: route.policy,
             size: size as u32,
             flags,
         };
-        if self.send_ctl(CtlMsg::Entries(vec![entry])).is_some() {
+        if self
+            .send_ctl(CtlMsg::Entries(Chunk::single(entry, Some(name))))
+            .is_some()
+        {
             self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
         Ok(())
+    }
+}
+
+/// The event a passthrough publish delivers at once (its payload is shared
+/// with the entry that persists it).
+fn passthrough_event(name: &str, payload: &mut Payload, ts_ns: i64) -> BusEvent {
+    BusEvent {
+        name: name.to_owned(),
+        payload: payload.share(),
+        ts_ns,
     }
 }
 

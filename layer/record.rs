@@ -82,6 +82,72 @@ impl BusEvent {
     }
 }
 
+/// A payload handed to `publish`: a JSON value, owned or already shared.
+///
+/// Publishing an owned [`Value`] moves it into the pipeline as it is; the
+/// `Arc` that subscribers share is made later, off the publishing thread, so
+/// a publish costs the caller no allocation of spillway's own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Payload(PayloadInner);
+
+#[derive(Clone, Debug, PartialEq)]
+enum PayloadInner {
+    Owned(Value),
+    Shared(Arc<Value>),
+}
+
+impl Payload {
+    /// The value.
+    pub fn value(&self) -> &Value {
+        match &self.0 {
+            PayloadInner::Owned(v) => v,
+            PayloadInner::Shared(v) => v,
+        }
+    }
+
+    /// The value behind an `Arc` (allocated here if it was owned).
+    pub fn into_arc(self) -> Arc<Value> {
+        match self.0 {
+            PayloadInner::Owned(v) => Arc::new(v),
+            PayloadInner::Shared(v) => v,
+        }
+    }
+
+    /// Makes the payload shared, and returns a handle to it.
+    pub(crate) fn share(&mut self) -> Arc<Value> {
+        let arc = match std::mem::replace(&mut self.0, PayloadInner::Owned(Value::Null)) {
+            PayloadInner::Owned(v) => Arc::new(v),
+            PayloadInner::Shared(v) => v,
+        };
+        self.0 = PayloadInner::Shared(arc.clone());
+        arc
+    }
+}
+
+impl From<Value> for Payload {
+    fn from(v: Value) -> Payload {
+        Payload(PayloadInner::Owned(v))
+    }
+}
+
+impl From<Arc<Value>> for Payload {
+    fn from(v: Arc<Value>) -> Payload {
+        Payload(PayloadInner::Shared(v))
+    }
+}
+
+impl From<&Arc<Value>> for Payload {
+    fn from(v: &Arc<Value>) -> Payload {
+        Payload(PayloadInner::Shared(v.clone()))
+    }
+}
+
+impl From<Box<Value>> for Payload {
+    fn from(v: Box<Value>) -> Payload {
+        Payload(PayloadInner::Owned(*v))
+    }
+}
+
 /// What a record is: a log line, a bus event, or a telemetry sample.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RecordKind {

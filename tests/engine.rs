@@ -215,6 +215,10 @@ fn many_threads_every_event_once_per_matching_subscriber_in_order() {
             let t = e.payload["t"].as_u64().unwrap() as usize;
             let seq = e.payload["seq"].as_u64().unwrap() as usize;
             let p = (seq * 7 + t) % PREFIXES;
+            // Names travel apart from payloads (an index into a per-chunk
+            // name table): a stale index would pair this payload with the
+            // wrong name.
+            assert_eq!(e.name, format!("t:{p}:{t}"), "name and payload mismatched");
             let prev = last.insert((p, t), seq as i64).unwrap_or(-1);
             assert!(
                 seq as i64 > prev,
@@ -259,6 +263,36 @@ fn many_threads_every_event_once_per_matching_subscriber_in_order() {
         stats.prefixes["chat:message"].passthrough,
         (THREADS * PER_THREAD / 1000) as u64
     );
+}
+
+// Catches a deep copy (or a re-wrap) of a payload the publisher already
+// shares: subscribers must get the very same `Arc`, for batched and for
+// passthrough events; an owned `Value` arrives equal.
+#[test]
+fn shared_payloads_reach_subscribers_as_the_same_arc() {
+    let (bus, _g, _) = bus(config(Policy::batch(Duration::from_secs(60), 2)));
+    let batched = Arc::new(Collector::default());
+    let chat = Arc::new(Collector::default());
+    bus.subscribe("t:*", batched.clone()).unwrap();
+    bus.subscribe("chat:*", chat.clone()).unwrap();
+    let shared = Arc::new(json!({ "rows": [1, 2, 3] }));
+    bus.publish("t:a:created", shared.clone()).unwrap();
+    bus.publish("t:a:created", json!({ "owned": true }))
+        .unwrap();
+    bus.publish("chat:message", &shared).unwrap();
+    bus.flush().unwrap();
+    let batches = batched.batches.lock().unwrap();
+    assert_eq!(batches.len(), 1);
+    assert!(Arc::ptr_eq(&batches[0][0].payload, &shared));
+    assert_eq!(*batches[0][1].payload, json!({ "owned": true }));
+    drop(batches);
+    wait_for("the passthrough delivery", || {
+        chat.events.lock().unwrap().len() == 1
+    });
+    assert!(Arc::ptr_eq(
+        &chat.events.lock().unwrap()[0].payload,
+        &shared
+    ));
 }
 
 // Catches passthrough sharing a queue or thread with batches: a stuck batch
