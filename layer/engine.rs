@@ -32,7 +32,7 @@ use crate::layer::budget::{Budget, Reservation};
 use crate::layer::bus::{BatchAwareSubscriber, InnerBus};
 use crate::layer::config::BatchConfig;
 use crate::layer::intake::{
-    Chunk, Entry, FxMap, Slot, CHUNK, F_EVICT, F_PASSTHROUGH, F_URGENT, SPARE_CHUNKS,
+    Chunk, Entry, FxMap, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT, SPARE_CHUNKS,
 };
 use crate::layer::name::{prefix_of, Pattern};
 use crate::layer::record::{
@@ -51,9 +51,10 @@ pub const PRUNED_PREFIXES: &str = "(pruned quiet prefixes)";
 /// Passthrough events waiting for delivery before new ones are dropped (and counted).
 pub const PASSTHROUGH_QUEUE: usize = 65_536;
 
-/// Emptied event vectors the engine keeps for reuse, and the largest it keeps.
-const SPARE_EVENT_VECS: usize = 32;
-const SPARE_EVENTS_MAX_LEN: usize = 1024;
+/// Emptied record vectors the engine keeps for reuse (per kind), and the
+/// largest it keeps.
+const SPARE_RECORD_VECS: usize = 16;
+const SPARE_RECORDS_MAX_LEN: usize = 1024;
 /// Default deadline for [`Engine::flush`]: 30 s.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -414,6 +415,7 @@ impl EngineBuilder {
                     key_buf: String::new(),
                     spent: spent_rx,
                     spare_events: Vec::new(),
+                    spare_logs: Vec::new(),
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
                     last_resync: Instant::now(),
@@ -684,10 +686,11 @@ struct EngineState {
     disp_tx: Sender<OutMsg>,
     summarizers: HashMap<String, Arc<dyn Summarizer>>,
     key_buf: String,
-    /// Delivered batches' events, handed back to be freed here (see `retire`).
-    spent: Receiver<Vec<BusEvent>>,
-    /// Emptied event vectors, reused for new batches.
+    /// Delivered batches' records, handed back to be freed here (see `retire`).
+    spent: Receiver<Records>,
+    /// Emptied record vectors, reused for new batches.
     spare_events: Vec<Vec<BusEvent>>,
+    spare_logs: Vec<Vec<LogRecord>>,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
     last_prune: Instant,
     last_resync: Instant,
@@ -743,12 +746,10 @@ impl EngineState {
     /// Frees the events of delivered batches (they were allocated on this
     /// thread) and keeps a few of their vectors for the next batches.
     fn reclaim(&mut self) {
-        while let Ok(mut events) = self.spent.try_recv() {
-            events.clear();
-            if self.spare_events.len() < SPARE_EVENT_VECS
-                && events.capacity() <= SPARE_EVENTS_MAX_LEN
-            {
-                self.spare_events.push(events);
+        while let Ok(records) = self.spent.try_recv() {
+            match records {
+                Records::Events(v) => keep_spare(&mut self.spare_events, v),
+                Records::Logs(v) => keep_spare(&mut self.spare_logs, v),
             }
         }
     }
@@ -807,9 +808,9 @@ impl EngineState {
             got = true;
             let mut spare = Vec::new();
             for chunk in full.into_iter().chain([cur]) {
-                let entries = self.ingest_chunk(chunk);
-                if entries.capacity() >= CHUNK && spare.len() < SPARE_CHUNKS {
-                    spare.push(entries);
+                let chunk = self.ingest_chunk(chunk);
+                if chunk.reusable() && spare.len() < SPARE_CHUNKS {
+                    spare.push(chunk);
                 }
             }
             if !spare.is_empty() {
@@ -833,16 +834,18 @@ impl EngineState {
         got
     }
 
-    /// Ingests a chunk's entries in order; returns its emptied vector for reuse.
-    fn ingest_chunk(&mut self, chunk: Chunk) -> Vec<Entry> {
-        let Chunk { mut entries, names } = chunk;
+    /// Ingests a chunk's entries in order; returns it emptied, for reuse.
+    fn ingest_chunk(&mut self, mut chunk: Chunk) -> Chunk {
+        let mut entries = std::mem::take(&mut chunk.entries);
         for e in entries.drain(..) {
-            self.ingest(e, &names);
+            self.ingest(e, &chunk);
         }
-        entries
+        chunk.clear();
+        chunk.entries = entries;
+        chunk
     }
 
-    fn ingest(&mut self, entry: Entry, names: &[Arc<str>]) {
+    fn ingest(&mut self, entry: Entry, chunk: &Chunk) {
         let (policy_idx, kind, size, flags) = match &entry {
             Entry::Event {
                 kind,
@@ -852,6 +855,12 @@ impl EngineState {
                 ..
             } => (*policy, *kind, *size as usize, *flags),
             Entry::Log {
+                policy,
+                size,
+                flags,
+                ..
+            }
+            | Entry::Captured {
                 policy,
                 size,
                 flags,
@@ -872,16 +881,21 @@ impl EngineState {
         let mut key = std::mem::take(&mut self.key_buf);
         key.clear();
         let name: &str = match &entry {
-            Entry::Event { name, .. } => names.get(*name as usize).map_or("", |n| n),
-            Entry::Log { .. } => "",
-        };
-        let prefix: &str = match &entry {
-            Entry::Event { .. } => prefix_of(name, depth),
+            Entry::Event { name, .. } => chunk.names.get(*name as usize).map_or("", |n| n),
             Entry::Log { rec, .. } => {
                 key.push_str("log:");
                 key.push_str(&rec.target);
-                prefix_of(&key, depth)
+                ""
             }
+            Entry::Captured { meta, .. } => {
+                key.push_str("log:");
+                key.push_str(meta.target());
+                ""
+            }
+        };
+        let prefix: &str = match &entry {
+            Entry::Event { .. } => prefix_of(name, depth),
+            Entry::Log { .. } | Entry::Captured { .. } => prefix_of(&key, depth),
         };
         if passthrough && !persist {
             // Delivered already; nothing to keep.
@@ -930,7 +944,7 @@ impl EngineState {
             evicted = n as u64;
         }
         let ts = match &entry {
-            Entry::Event { ts_ns, .. } => *ts_ns,
+            Entry::Event { ts_ns, .. } | Entry::Captured { ts_ns, .. } => *ts_ns,
             Entry::Log { rec, .. } => rec.ts_ns,
         };
         if evicted > 0 {
@@ -966,18 +980,32 @@ impl EngineState {
         acc.bytes += size;
         match entry {
             Entry::Event { payload, .. } => {
-                if acc.events.capacity() == 0 {
-                    if let Some(v) = self.spare_events.pop() {
-                        acc.events = v;
-                    }
-                }
+                reuse(&mut acc.events, &mut self.spare_events);
                 acc.events.push(BusEvent {
                     name: name.to_owned(),
                     payload: payload.into_arc(),
                     ts_ns: ts,
                 })
             }
-            Entry::Log { rec, .. } => acc.logs.push(*rec),
+            Entry::Log { rec, .. } => {
+                reuse(&mut acc.logs, &mut self.spare_logs);
+                acc.logs.push(*rec)
+            }
+            Entry::Captured {
+                meta,
+                parts,
+                location,
+                ..
+            } => {
+                reuse(&mut acc.logs, &mut self.spare_logs);
+                acc.logs.push(crate::layer::tracing_layer::captured_record(
+                    meta,
+                    ts,
+                    &chunk.arena,
+                    &parts,
+                    location,
+                ))
+            }
         }
         let len = acc.len();
         acc.pending.dropped += evicted;
@@ -1337,31 +1365,46 @@ fn guarded(shared: &Shared, call: impl FnOnce() -> Result<()>) {
     }
 }
 
-/// Hands a delivered batch's events back to the engine thread, which
+/// Empties `v` (freeing its records here) and keeps it for reuse if there is room.
+fn keep_spare<T>(spares: &mut Vec<Vec<T>>, mut v: Vec<T>) {
+    v.clear();
+    if spares.len() < SPARE_RECORD_VECS && v.capacity() <= SPARE_RECORDS_MAX_LEN {
+        spares.push(v);
+    }
+}
+
+/// Gives `v` a spare vector's capacity when it has none.
+fn reuse<T>(v: &mut Vec<T>, spares: &mut Vec<Vec<T>>) {
+    if v.capacity() == 0 {
+        if let Some(spare) = spares.pop() {
+            *v = spare;
+        }
+    }
+}
+
+/// Hands a delivered batch's records back to the engine thread, which
 /// allocated their names and payload `Arc`s, to be freed there: the system
 /// allocator (glibc) is cheap when a thread frees what it allocated, and
 /// slow when one thread only allocates while others free. The batch's
 /// budget is released here, at once. When the engine is idle, or another
 /// thread still holds the batch, it is simply dropped.
-fn retire(shared: &Shared, batch: Arc<Batch>, spent: &Sender<Vec<BusEvent>>) {
+fn retire(shared: &Shared, batch: Arc<Batch>, spent: &Sender<Records>) {
     let Ok(mut batch) = Arc::try_unwrap(batch) else {
         return;
     };
     if shared.idle.load(Ordering::Relaxed) {
         return;
     }
-    if let Records::Events(events) = &mut batch.records {
-        let events = std::mem::take(events);
-        drop(batch);
-        let _ = spent.send(events);
-    }
+    let records = std::mem::replace(&mut batch.records, Records::Events(Vec::new()));
+    drop(batch);
+    let _ = spent.send(records);
 }
 
 fn sink_loop(
     shared: Arc<Shared>,
     mut sinks: Vec<Box<dyn Sink>>,
     rx: Receiver<OutMsg>,
-    spent: Sender<Vec<BusEvent>>,
+    spent: Sender<Records>,
 ) {
     let tick = Duration::from_millis(50);
     let mut last_tick = Instant::now();
@@ -1407,7 +1450,7 @@ fn sink_loop(
     }
 }
 
-fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>, spent: Sender<Vec<BusEvent>>) {
+fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>, spent: Sender<Records>) {
     for msg in rx {
         match msg {
             OutMsg::Batch(b) => {

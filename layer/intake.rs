@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use tracing_core::Metadata;
+
 use crate::error::{Error, Result};
+use crate::layer::capture::{Arena, Parts, ARENA_TEXT_LIMIT};
 use crate::layer::config::OnFull;
 use crate::layer::engine::{CtlMsg, Shared};
 use crate::layer::name::{prefix_of, validate_name};
@@ -47,8 +50,22 @@ pub(crate) enum Entry {
         size: u32,
         flags: u8,
     },
+    /// A log record built by its submitter (`Engine::submit_log`, records
+    /// from the `log` crate).
     Log {
         rec: Box<LogRecord>,
+        policy: u16,
+        size: u32,
+        flags: u8,
+    },
+    /// A tracing event captured by the layer into its chunk's arena; the
+    /// engine builds its `LogRecord`.
+    Captured {
+        meta: &'static Metadata<'static>,
+        ts_ns: i64,
+        parts: Parts,
+        /// Keep file, line and module path.
+        location: bool,
         policy: u16,
         size: u32,
         flags: u8,
@@ -61,6 +78,8 @@ pub(crate) enum Entry {
 pub(crate) struct Chunk {
     pub(crate) entries: Vec<Entry>,
     pub(crate) names: Vec<Arc<str>>,
+    /// The captured log events' text, fields and spans.
+    pub(crate) arena: Arena,
 }
 
 impl Chunk {
@@ -69,7 +88,24 @@ impl Chunk {
         Chunk {
             entries: vec![entry],
             names: name.map(Arc::from).into_iter().collect(),
+            arena: Arena::default(),
         }
+    }
+
+    /// Empties the chunk for reuse, keeping its buffers.
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.names.clear();
+        self.arena.clear();
+    }
+
+    /// Whether its buffers are the kind worth keeping for reuse.
+    pub(crate) fn reusable(&self) -> bool {
+        self.entries.capacity() >= CHUNK && !self.arena.oversized()
+    }
+
+    fn is_full(&self) -> bool {
+        self.entries.len() >= CHUNK || self.arena.text.len() >= ARENA_TEXT_LIMIT
     }
 }
 
@@ -77,9 +113,9 @@ impl Chunk {
 pub(crate) struct SlotInner {
     pub(crate) cur: Chunk,
     pub(crate) full: Vec<Chunk>,
-    /// Emptied entry vectors the engine hands back, so a publisher does not
-    /// allocate a fresh chunk every CHUNK records.
-    pub(crate) spare: Vec<Vec<Entry>>,
+    /// Emptied chunks the engine hands back, so a publisher does not
+    /// allocate fresh buffers every CHUNK records.
+    pub(crate) spare: Vec<Chunk>,
     /// Bumped whenever `cur` is handed on: a route's cached index into
     /// `cur.names` holds only for the generation it was taken in.
     generation: u64,
@@ -87,27 +123,22 @@ pub(crate) struct SlotInner {
     pub(crate) closed: bool,
 }
 
-/// Spare entry vectors a slot keeps at most.
+/// Spare chunks a slot keeps at most.
 pub(crate) const SPARE_CHUNKS: usize = 4;
 
 impl SlotInner {
     /// Takes the current chunk (the engine's sweep, or a publisher when it is full).
     pub(crate) fn take_cur(&mut self, refill: bool) -> Chunk {
         self.generation += 1;
-        let entries = if refill {
-            self.spare
-                .pop()
-                .unwrap_or_else(|| Vec::with_capacity(CHUNK))
+        let next = if refill {
+            self.spare.pop().unwrap_or_else(|| Chunk {
+                entries: Vec::with_capacity(CHUNK),
+                ..Chunk::default()
+            })
         } else {
-            Vec::new()
+            Chunk::default()
         };
-        std::mem::replace(
-            &mut self.cur,
-            Chunk {
-                entries,
-                names: Vec::new(),
-            },
-        )
+        std::mem::replace(&mut self.cur, next)
     }
 
     /// The index of `route`'s name in the current chunk, adding it once.
@@ -368,16 +399,17 @@ impl Shared {
                 return Ok(());
             }
         }
-        let entry = Entry::Event {
-            name: 0,
+        let policy = route.policy;
+        let pushed = self.push_entry(slot, |inner| Entry::Event {
+            name: inner.name_index(route),
             payload,
             ts_ns,
             kind,
-            policy: route.policy,
+            policy,
             size: size as u32,
             flags,
-        };
-        if !self.push_entry(slot, entry, Some(route)) {
+        });
+        if !pushed {
             self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
@@ -473,13 +505,92 @@ impl Shared {
                 return Ok(());
             }
         }
-        let entry = Entry::Log {
+        let policy = route.policy;
+        let pushed = self.push_entry(slot, |_| Entry::Log {
             rec,
-            policy: route.policy,
+            policy,
             size: size as u32,
             flags,
+        });
+        if !pushed {
+            self.give_back(&route.share, size);
+            return Err(Error::ShutDown);
+        }
+        Ok(())
+    }
+
+    /// Accepts a tracing event captured into `arena` (at `parts`): copied
+    /// into the thread's chunk, or built into a record when the thread's
+    /// slot is out of reach.
+    pub(crate) fn submit_captured(
+        self: &Arc<Self>,
+        meta: &'static Metadata<'static>,
+        ts_ns: i64,
+        arena: &mut Arena,
+        parts: &Parts,
+        location: bool,
+        urgent: bool,
+    ) -> Result<()> {
+        self.submit(
+            arena,
+            |local, arena| self.push_captured(local, meta, ts_ns, arena, parts, location, urgent),
+            |arena| {
+                let rec = crate::layer::tracing_layer::captured_record(
+                    meta, ts_ns, arena, parts, location,
+                );
+                self.submit_log_slow(Box::new(rec), urgent)
+            },
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_captured(
+        &self,
+        local: &mut Local,
+        meta: &'static Metadata<'static>,
+        ts_ns: i64,
+        arena: &mut Arena,
+        parts: &Parts,
+        location: bool,
+        urgent: bool,
+    ) -> Result<()> {
+        let Local {
+            log_routes,
+            credit,
+            slot,
+            ..
+        } = local;
+        let target = meta.target();
+        let route = match log_routes.index.get(target) {
+            Some(&i) => &mut log_routes.list[i],
+            None => log_routes.insert(self.route(&format!("log:{target}"), target)),
         };
-        if !self.push_entry(slot, entry, None) {
+        let size = arena.estimate(parts);
+        let mut flags = if urgent { F_URGENT } else { 0 };
+        match self.admit(credit, size, route, urgent) {
+            Some(extra) => flags |= extra,
+            None => {
+                let key = format!("log:{target}");
+                self.count_drop(
+                    prefix_of(&key, self.prefix_depth_of(route.policy)),
+                    route.policy,
+                    RecordKind::Log,
+                    ts_ns,
+                );
+                return Ok(());
+            }
+        }
+        let policy = route.policy;
+        let pushed = self.push_entry(slot, |inner| Entry::Captured {
+            meta,
+            ts_ns,
+            parts: inner.cur.arena.append(arena, parts),
+            location,
+            policy,
+            size: size as u32,
+            flags,
+        });
+        if !pushed {
             self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
@@ -547,26 +658,24 @@ impl Shared {
         admitted
     }
 
-    /// Queues `entry` in the thread's slot, with its name taken from `route`
-    /// for an event; `false` once the engine has made its final sweep (the
-    /// caller gives the budget back).
-    fn push_entry(&self, slot: &Slot, mut entry: Entry, route: Option<&mut Route>) -> bool {
+    /// Queues the entry `make` builds (under the slot's lock, so that it can
+    /// refer to the current chunk's names and arena); `false` once the
+    /// engine has made its final sweep (the caller gives the budget back).
+    fn push_entry(&self, slot: &Slot, make: impl FnOnce(&mut SlotInner) -> Entry) -> bool {
         let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.closed {
             return false;
         }
-        if let (Entry::Event { name, .. }, Some(route)) = (&mut entry, route) {
-            *name = inner.name_index(route);
-        }
         let was_empty = inner.cur.entries.is_empty();
         if was_empty && inner.cur.entries.capacity() == 0 {
             match inner.spare.pop() {
-                Some(v) => inner.cur.entries = v,
+                Some(c) => inner.cur = c,
                 None => inner.cur.entries.reserve_exact(CHUNK),
             }
         }
+        let entry = make(&mut inner);
         inner.cur.entries.push(entry);
-        let full = inner.cur.entries.len() >= CHUNK;
+        let full = inner.cur.is_full();
         if full {
             let chunk = inner.take_cur(true);
             inner.full.push(chunk);

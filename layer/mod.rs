@@ -3,6 +3,7 @@
 
 pub(crate) mod budget;
 pub mod bus;
+pub(crate) mod capture;
 pub mod config;
 pub mod engine;
 pub(crate) mod intake;

@@ -53,20 +53,20 @@
 //! still reach the registry's other layers.
 
 use std::borrow::Cow;
-use std::fmt::{self, Write as _};
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use tracing_core::field::{Field, Visit};
 use tracing_core::span::{Attributes, Id, Record};
-use tracing_core::{Event, Level, Subscriber};
+use tracing_core::{Event, Level, Metadata, Subscriber};
 use tracing_log::NormalizeEvent;
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
+use crate::layer::capture::{Arena, ArenaVisitor, Parts};
 use crate::layer::engine::Engine;
-use crate::layer::record::{now_ns, FieldValue, LogRecord, SpanRecord};
+use crate::layer::record::{now_ns, LogRecord, SpanRecord};
 
 /// Default level at and above which records are urgent: WARN.
 pub const DEFAULT_URGENT_LEVEL: Level = Level::WARN;
@@ -75,9 +75,6 @@ pub const DEFAULT_SPANS: bool = true;
 /// Default for attaching file, line and module path to records: on.
 pub const DEFAULT_INCLUDE_LOCATION: bool = true;
 
-/// Bytes reserved for a message before it is formatted: enough for a typical
-/// log line, so most messages are written without growing.
-const MESSAGE_CAPACITY: usize = 64;
 /// The name of the engine's sink thread (see the module docs for why its
 /// events are not captured).
 const SINK_THREAD: &str = "spillway-sink";
@@ -229,6 +226,8 @@ struct SpanFields(Arc<SpanRecord>);
 thread_local! {
     // Computed once per thread: whether this is the engine's sink thread.
     static ON_SINK_THREAD: bool = std::thread::current().name() == Some(SINK_THREAD);
+    // The thread's capture buffers (see `layer::capture`).
+    static SCRATCH: RefCell<Arena> = RefCell::new(Arena::default());
 }
 
 impl<S> Layer<S> for SpillwayLayer
@@ -240,12 +239,10 @@ where
             return;
         }
         let meta = attrs.metadata();
-        let mut fields = Vec::new();
         // Visit before taking the extensions lock: a field's `Debug` may log.
-        attrs.record(&mut FieldVisitor::new(&mut fields, meta.fields().len()));
         let record = SpanRecord {
             name: Cow::Borrowed(meta.name()),
-            fields,
+            fields: span_fields(|v| attrs.record(v)),
         };
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().replace(SpanFields(Arc::new(record)));
@@ -256,9 +253,8 @@ where
         if !self.config.spans || values.is_empty() {
             return;
         }
-        let mut update = Vec::new();
         // Visit before taking the extensions lock: a field's `Debug` may log.
-        values.record(&mut FieldVisitor::new(&mut update, values.len()));
+        let update = span_fields(|v| values.record(v));
         let Some(span) = ctx.span(id) else { return };
         let mut ext = span.extensions_mut();
         let Some(SpanFields(arc)) = ext.get_mut::<SpanFields>() else {
@@ -278,197 +274,150 @@ where
         if ON_SINK_THREAD.try_with(|on| *on).unwrap_or(false) {
             return;
         }
+        let urgent = *event.metadata().level() <= self.config.urgent_level;
+        if event.normalized_metadata().is_none() {
+            // The common case: captured into the thread's buffers, no allocation.
+            // Busy buffers (a field's `Debug` logging from inside the capture)
+            // or a thread in teardown take the allocating path below.
+            let done = SCRATCH.try_with(|cell| {
+                let Ok(mut arena) = cell.try_borrow_mut() else {
+                    return false;
+                };
+                arena.clear();
+                let ts_ns = now_ns();
+                let parts = self.capture_into(&mut arena, event, &ctx, false);
+                // Fails only after shutdown; the event still reaches the other layers.
+                let _ = self.engine.shared.submit_captured(
+                    event.metadata(),
+                    ts_ns,
+                    &mut arena,
+                    &parts,
+                    self.config.include_location,
+                    urgent,
+                );
+                if arena.oversized() {
+                    *arena = Arena::default();
+                }
+                true
+            });
+            if done.unwrap_or(false) {
+                return;
+            }
+        }
         let record = self.capture(event, &ctx);
-        let urgent = record.level <= self.config.urgent_level;
-        // Fails only after shutdown; the event still reaches the other layers.
         let _ = self.engine.submit_log(record, urgent);
     }
 }
 
 impl SpillwayLayer {
-    /// Captures `event` into an owned record, boxed once here so that it
-    /// moves through the pipeline as a pointer.
-    fn capture<S>(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> Box<LogRecord>
+    /// Visits `event`'s fields into `arena` and takes its spans' handles.
+    fn capture_into<S>(
+        &self,
+        arena: &mut Arena,
+        event: &Event<'_>,
+        ctx: &Context<'_, S>,
+        skip_log_fields: bool,
+    ) -> Parts
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
     {
-        let ts_ns = now_ns();
-        let meta = event.metadata();
-        let mut message = String::new();
-        let mut fields = Vec::new();
-        let mut visitor = FieldVisitor {
-            fields: &mut fields,
-            capacity: meta.fields().len(),
-            message: Some(&mut message),
-            skip_log_fields: false,
-        };
-        let (target, module_path, file, line) = match event.normalized_metadata() {
-            // A `log` record: its target and location live in the event's
-            // fields, borrowed from the record, so they are copied.
-            Some(log_meta) => {
-                visitor.skip_log_fields = true;
-                (
-                    Cow::Owned(log_meta.target().to_owned()),
-                    log_meta.module_path().map(|m| Cow::Owned(m.to_owned())),
-                    log_meta.file().map(|f| Cow::Owned(f.to_owned())),
-                    log_meta.line(),
-                )
-            }
-            None => (
-                Cow::Borrowed(meta.target()),
-                meta.module_path().map(Cow::Borrowed),
-                meta.file().map(Cow::Borrowed),
-                meta.line(),
-            ),
-        };
-        event.record(&mut visitor);
-        let (module_path, file, line) = if self.config.include_location {
-            (module_path, file, line)
-        } else {
-            (None, None, None)
-        };
-        let mut spans = Vec::new();
+        let mut message = 0..0;
+        event.record(&mut ArenaVisitor::event(
+            arena,
+            &mut message,
+            skip_log_fields,
+        ));
+        let fields = 0..arena.fields.len() as u32;
         if self.config.spans && !event.is_root() {
             if let Some(scope) = ctx.event_scope(event) {
                 // The scope runs leaf to root; records list spans outermost first.
                 for span in scope {
                     if let Some(SpanFields(arc)) = span.extensions().get::<SpanFields>() {
-                        spans.push(arc.clone());
+                        arena.spans.push(arc.clone());
                     }
                 }
-                spans.reverse();
+                arena.spans.reverse();
             }
         }
-        Box::new(LogRecord {
-            ts_ns,
-            level: *meta.level(),
-            target,
-            module_path,
-            file,
-            line,
+        Parts {
             message,
             fields,
-            spans,
+            spans: 0..arena.spans.len() as u32,
+        }
+    }
+
+    /// Captures `event` into an owned record, boxed once here so that it
+    /// moves through the pipeline as a pointer (records from the `log`
+    /// crate, whose metadata is not `'static`, and re-entrant captures).
+    fn capture<S>(&self, event: &Event<'_>, ctx: &Context<'_, S>) -> Box<LogRecord>
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let ts_ns = now_ns();
+        let mut arena = Arena::default();
+        let Some(log_meta) = event.normalized_metadata() else {
+            let parts = self.capture_into(&mut arena, event, ctx, false);
+            return Box::new(captured_record(
+                event.metadata(),
+                ts_ns,
+                &arena,
+                &parts,
+                self.config.include_location,
+            ));
+        };
+        // A `log` record: its target and location live in the event's
+        // fields, borrowed from the record, so they are copied.
+        let parts = self.capture_into(&mut arena, event, ctx, true);
+        let location = self.config.include_location;
+        Box::new(LogRecord {
+            ts_ns,
+            level: *log_meta.level(),
+            target: Cow::Owned(log_meta.target().to_owned()),
+            module_path: log_meta
+                .module_path()
+                .filter(|_| location)
+                .map(|m| Cow::Owned(m.to_owned())),
+            file: log_meta
+                .file()
+                .filter(|_| location)
+                .map(|f| Cow::Owned(f.to_owned())),
+            line: log_meta.line().filter(|_| location),
+            message: arena.str(&parts.message).to_owned(),
+            fields: arena.field_values(&parts.fields),
+            spans: arena.span_list(&parts.spans),
         })
     }
 }
 
-/// Collects typed fields (and, for events, the `message` field as text).
-struct FieldVisitor<'a> {
-    fields: &'a mut Vec<(Cow<'static, str>, FieldValue)>,
-    /// How many fields there can be at most: the list is allocated once, at
-    /// the first field kept, so a message-only event allocates no list at all.
-    capacity: usize,
-    /// Where the `message` field goes; `None` keeps it as a plain field (spans).
-    message: Option<&'a mut String>,
-    /// Leave out `log.target`, `log.file`, ...: a `log` record's metadata.
-    skip_log_fields: bool,
-}
-
-impl<'a> FieldVisitor<'a> {
-    fn new(fields: &'a mut Vec<(Cow<'static, str>, FieldValue)>, capacity: usize) -> Self {
-        FieldVisitor {
-            fields,
-            capacity,
-            message: None,
-            skip_log_fields: false,
-        }
-    }
-
-    /// The message buffer, if `field` is the message.
-    fn message_for(&mut self, field: &Field) -> Option<&mut String> {
-        if field.name() != "message" {
-            return None;
-        }
-        let m = self.message.as_deref_mut()?;
-        if m.capacity() == 0 {
-            m.reserve(MESSAGE_CAPACITY);
-        }
-        Some(m)
-    }
-
-    fn push(&mut self, field: &Field, value: FieldValue) {
-        if self.skip_log_fields && field.name().starts_with("log.") {
-            return;
-        }
-        if self.fields.capacity() == 0 {
-            self.fields.reserve_exact(self.capacity.max(1));
-        }
-        self.fields.push((Cow::Borrowed(field.name()), value));
+/// The record of an event captured into `arena` at `parts`, with the
+/// event's `'static` metadata (file, line and module only with `location`).
+pub(crate) fn captured_record(
+    meta: &'static Metadata<'static>,
+    ts_ns: i64,
+    arena: &Arena,
+    parts: &Parts,
+    location: bool,
+) -> LogRecord {
+    LogRecord {
+        ts_ns,
+        level: *meta.level(),
+        target: Cow::Borrowed(meta.target()),
+        module_path: meta.module_path().filter(|_| location).map(Cow::Borrowed),
+        file: meta.file().filter(|_| location).map(Cow::Borrowed),
+        line: meta.line().filter(|_| location),
+        message: arena.str(&parts.message).to_owned(),
+        fields: arena.field_values(&parts.fields),
+        spans: arena.span_list(&parts.spans),
     }
 }
 
-impl Visit for FieldVisitor<'_> {
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        match self.message_for(field) {
-            Some(m) => {
-                let _ = write!(m, "{value}");
-            }
-            None => self.push(field, FieldValue::I64(value)),
-        }
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        match self.message_for(field) {
-            Some(m) => {
-                let _ = write!(m, "{value}");
-            }
-            None => self.push(field, FieldValue::U64(value)),
-        }
-    }
-
-    fn record_i128(&mut self, field: &Field, value: i128) {
-        match i64::try_from(value) {
-            Ok(v) => self.record_i64(field, v),
-            Err(_) => self.record_debug(field, &value),
-        }
-    }
-
-    fn record_u128(&mut self, field: &Field, value: u128) {
-        match u64::try_from(value) {
-            Ok(v) => self.record_u64(field, v),
-            Err(_) => self.record_debug(field, &value),
-        }
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        match self.message_for(field) {
-            Some(m) => {
-                let _ = write!(m, "{value}");
-            }
-            None => self.push(field, FieldValue::F64(value)),
-        }
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        match self.message_for(field) {
-            Some(m) => {
-                let _ = write!(m, "{value}");
-            }
-            None => self.push(field, FieldValue::Bool(value)),
-        }
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        match self.message_for(field) {
-            Some(m) => m.push_str(value),
-            None => self.push(field, FieldValue::Str(value.to_owned())),
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        match self.message_for(field) {
-            Some(m) => {
-                let _ = write!(m, "{value:?}");
-            }
-            None => {
-                if self.skip_log_fields && field.name().starts_with("log.") {
-                    return;
-                }
-                self.push(field, FieldValue::Str(format!("{value:?}")));
-            }
-        }
-    }
+/// A span's fields, visited by `record`.
+fn span_fields(
+    record: impl FnOnce(&mut ArenaVisitor<'_>),
+) -> Vec<(Cow<'static, str>, crate::layer::record::FieldValue)> {
+    let mut arena = Arena::default();
+    record(&mut ArenaVisitor::fields(&mut arena));
+    arena.field_values(&(0..arena.fields.len() as u32))
 }
 
 #[cfg(test)]
@@ -528,14 +477,11 @@ mod tests {
     // Catches typed values turned into strings, or the message kept as a field.
     #[test]
     fn visitor_keeps_types_and_separates_the_message() {
-        let mut fields = Vec::new();
-        let mut message = String::new();
-        let mut v = FieldVisitor {
-            fields: &mut fields,
-            capacity: 3,
-            message: Some(&mut message),
-            skip_log_fields: false,
-        };
+        use crate::layer::record::FieldValue;
+        use tracing_core::field::Visit;
+        let mut arena = Arena::default();
+        let mut message = 0..0;
+        let mut v = ArenaVisitor::event(&mut arena, &mut message, false);
         // Field handles come from a callsite; borrow them from an enabled span.
         let _default = tracing::subscriber::set_default(tracing_subscriber::registry());
         let span = tracing::trace_span!("probe", message = 1_u64, big = 2_u64, huge = 3_u64);
@@ -544,9 +490,9 @@ mod tests {
         v.record_u64(&f("message"), 7);
         v.record_i128(&f("big"), -5);
         v.record_u128(&f("huge"), u128::MAX);
-        assert_eq!(message, "7");
+        assert_eq!(arena.str(&message), "7");
         assert_eq!(
-            fields,
+            arena.field_values(&(0..arena.fields.len() as u32)),
             vec![
                 (Cow::Borrowed("big"), FieldValue::I64(-5)),
                 (

@@ -399,6 +399,71 @@ fn targets_route_to_their_own_batches() {
     );
 }
 
+// Catches the arena capture mixing up events: each thread's events are
+// copied into its chunk's shared text buffer while the engine takes partial
+// chunks away, so a stale offset would pair one event's message with another's
+// string field, cut a string, or lose and reorder records. Strings of varying
+// length (some long enough to fill a chunk's text early) and spans included.
+#[test]
+fn captured_events_keep_their_own_text_across_threads_and_chunks() {
+    const THREADS: u64 = 4;
+    const PER_THREAD: u64 = 20_000;
+    let cfg = BatchConfig::builder()
+        .memory_budget(256 << 20)
+        .policy(
+            "log:*",
+            Policy::batch(Duration::from_millis(5), 500).block_timeout(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    let (engine, _guard, seen) = engine_with(cfg);
+    let dispatch = Dispatch::new(tracing_subscriber::registry().with(SpillwayLayer::new(&engine)));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let dispatch = dispatch.clone();
+            std::thread::spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    let span = tracing::info_span!("worker", t);
+                    let _e = span.enter();
+                    for i in 0..PER_THREAD {
+                        let text = "x".repeat(((i * 7919 + t) % 97) as usize * (1 + (i % 500 == 0) as usize * 400));
+                        tracing::info!(target: "stress::mod", t, i, text = text.as_str(), odd = i % 2 == 1, "event {t}/{i} {}", text.len());
+                    }
+                })
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    engine.flush().unwrap();
+    let all = records(&seen);
+    assert_eq!(all.len() as u64, THREADS * PER_THREAD);
+    let mut next = vec![0u64; THREADS as usize];
+    for r in &all {
+        let Some(FieldValue::U64(t)) = field(&r.fields, "t").cloned() else {
+            panic!("no t in {r:?}")
+        };
+        let Some(FieldValue::U64(i)) = field(&r.fields, "i").cloned() else {
+            panic!("no i in {r:?}")
+        };
+        let Some(FieldValue::Str(text)) = field(&r.fields, "text").cloned() else {
+            panic!("no text in {r:?}")
+        };
+        let want = ((i * 7919 + t) % 97) as usize * (1 + (i % 500 == 0) as usize * 400);
+        assert_eq!(text, "x".repeat(want), "text of {t}/{i}");
+        assert_eq!(r.message, format!("event {t}/{i} {want}"));
+        assert_eq!(field(&r.fields, "odd"), Some(&FieldValue::Bool(i % 2 == 1)));
+        assert_eq!(r.spans.len(), 1);
+        assert_eq!(
+            r.spans[0].fields,
+            vec![(Cow::Borrowed("t"), FieldValue::U64(t))]
+        );
+        assert_eq!(i, next[t as usize], "thread {t}: out of order or missing");
+        next[t as usize] += 1;
+    }
+}
+
 // Catches a log policy not applying to its module's records (or applying to
 // another module's): `log:a::*` closes at 3 records, other logs use the default.
 #[test]

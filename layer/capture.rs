@@ -1,0 +1,315 @@
+//! Log events captured into reusable buffers.
+//!
+//! The tracing layer visits an event's fields into a thread's [`Arena`]
+//! (text, typed fields, span handles) instead of allocating a [`LogRecord`]
+//! per event; the arena is copied into the thread's current chunk, whose
+//! buffers are recycled, and the engine thread builds the `LogRecord` that
+//! batches and sinks see. The publishing thread then allocates nothing per
+//! event, which matters with glibc's malloc: a thread that only allocates
+//! while other threads free pays for it on every call.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+use std::ops::Range;
+use std::sync::Arc;
+
+use tracing_core::field::{Field, Visit};
+
+use crate::layer::record::{FieldValue, SpanRecord};
+
+/// A field value whose text, if any, lives in the arena's `text`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Val {
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+    Str(u32, u32),
+}
+
+/// Buffers for captured events: cleared and refilled, never shrunk below
+/// what a typical chunk needs.
+#[derive(Default, Debug)]
+pub(crate) struct Arena {
+    pub(crate) text: String,
+    pub(crate) fields: Vec<(&'static str, Val)>,
+    pub(crate) spans: Vec<Arc<SpanRecord>>,
+}
+
+/// Where one event's parts sit in an arena.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Parts {
+    pub(crate) message: Range<u32>,
+    pub(crate) fields: Range<u32>,
+    pub(crate) spans: Range<u32>,
+}
+
+/// Bytes of text past which a chunk is handed on, and the most an idle
+/// arena keeps allocated.
+pub(crate) const ARENA_TEXT_LIMIT: usize = 32 << 10;
+
+fn range(r: &Range<u32>) -> Range<usize> {
+    r.start as usize..r.end as usize
+}
+
+impl Arena {
+    pub(crate) fn clear(&mut self) {
+        self.text.clear();
+        self.fields.clear();
+        self.spans.clear();
+    }
+
+    /// Whether the buffers grew past what is worth keeping for reuse.
+    pub(crate) fn oversized(&self) -> bool {
+        self.text.capacity() > 4 * ARENA_TEXT_LIMIT || self.fields.capacity() > 16 << 10
+    }
+
+    /// A string written to `text` (empty for a range out of bounds).
+    pub(crate) fn str(&self, r: &Range<u32>) -> &str {
+        self.text.get(range(r)).unwrap_or("")
+    }
+
+    /// Appends `other`'s event (its `parts`), moving its span handles;
+    /// returns where it now sits here.
+    pub(crate) fn append(&mut self, other: &mut Arena, parts: &Parts) -> Parts {
+        let base = self.text.len() as u32;
+        self.text.push_str(&other.text);
+        let f0 = self.fields.len() as u32;
+        self.fields
+            .extend(other.fields.iter().map(|&(name, v)| match v {
+                Val::Str(a, b) => (name, Val::Str(a + base, b + base)),
+                v => (name, v),
+            }));
+        let s0 = self.spans.len() as u32;
+        self.spans.append(&mut other.spans);
+        Parts {
+            message: parts.message.start + base..parts.message.end + base,
+            fields: f0 + parts.fields.start..f0 + parts.fields.end,
+            spans: s0 + parts.spans.start..s0 + parts.spans.end,
+        }
+    }
+
+    /// The fields in `r`, owned and typed.
+    pub(crate) fn field_values(&self, r: &Range<u32>) -> Vec<(Cow<'static, str>, FieldValue)> {
+        let fields = self.fields.get(range(r)).unwrap_or(&[]);
+        fields
+            .iter()
+            .map(|&(name, v)| {
+                let value = match v {
+                    Val::I64(v) => FieldValue::I64(v),
+                    Val::U64(v) => FieldValue::U64(v),
+                    Val::F64(v) => FieldValue::F64(v),
+                    Val::Bool(v) => FieldValue::Bool(v),
+                    Val::Str(a, b) => FieldValue::Str(self.str(&(a..b)).to_owned()),
+                };
+                (Cow::Borrowed(name), value)
+            })
+            .collect()
+    }
+
+    /// The span handles in `r`.
+    pub(crate) fn span_list(&self, r: &Range<u32>) -> Vec<Arc<SpanRecord>> {
+        self.spans.get(range(r)).unwrap_or(&[]).to_vec()
+    }
+
+    /// What one event's parts weigh, for the memory budget.
+    pub(crate) fn estimate(&self, parts: &Parts) -> usize {
+        std::mem::size_of::<crate::layer::record::LogRecord>()
+            + (parts.message.end - parts.message.start) as usize
+            + self
+                .fields
+                .get(range(&parts.fields))
+                .unwrap_or(&[])
+                .iter()
+                .map(|(name, v)| {
+                    40 + name.len()
+                        + match v {
+                            Val::Str(a, b) => (b - a) as usize,
+                            _ => 0,
+                        }
+                })
+                .sum::<usize>()
+            + 16 * (parts.spans.end - parts.spans.start) as usize
+    }
+}
+
+/// Visits fields into an arena: typed values, text appended to `text`; the
+/// `message` field (for events) becomes the message instead of a field.
+pub(crate) struct ArenaVisitor<'a> {
+    arena: &'a mut Arena,
+    /// Where the message went; `None` keeps `message` as a plain field (spans).
+    message: Option<&'a mut Range<u32>>,
+    /// Leave out `log.target`, `log.file`, ...: a `log` record's metadata.
+    skip_log_fields: bool,
+}
+
+impl<'a> ArenaVisitor<'a> {
+    /// A visitor for span fields (`message` is an ordinary field there).
+    pub(crate) fn fields(arena: &'a mut Arena) -> Self {
+        ArenaVisitor {
+            arena,
+            message: None,
+            skip_log_fields: false,
+        }
+    }
+
+    /// A visitor for an event: its message goes to `message`.
+    pub(crate) fn event(
+        arena: &'a mut Arena,
+        message: &'a mut Range<u32>,
+        skip_log_fields: bool,
+    ) -> Self {
+        ArenaVisitor {
+            arena,
+            message: Some(message),
+            skip_log_fields,
+        }
+    }
+
+    /// Writes the message with `write`, if `field` is the message.
+    fn message(&mut self, field: &Field, write: impl FnOnce(&mut String)) -> bool {
+        if field.name() != "message" {
+            return false;
+        }
+        let Some(m) = self.message.as_deref_mut() else {
+            return false;
+        };
+        let start = self.arena.text.len();
+        write(&mut self.arena.text);
+        *m = start as u32..self.arena.text.len() as u32;
+        true
+    }
+
+    fn push(&mut self, field: &Field, value: Val) {
+        if self.skip_log_fields && field.name().starts_with("log.") {
+            return;
+        }
+        self.arena.fields.push((field.name(), value));
+    }
+
+    fn push_text(&mut self, field: &Field, write: impl FnOnce(&mut String)) {
+        if self.skip_log_fields && field.name().starts_with("log.") {
+            return;
+        }
+        let start = self.arena.text.len() as u32;
+        write(&mut self.arena.text);
+        let end = self.arena.text.len() as u32;
+        self.arena.fields.push((field.name(), Val::Str(start, end)));
+    }
+}
+
+impl Visit for ArenaVisitor<'_> {
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if !self.message(field, |m| {
+            let _ = write!(m, "{value}");
+        }) {
+            self.push(field, Val::I64(value));
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if !self.message(field, |m| {
+            let _ = write!(m, "{value}");
+        }) {
+            self.push(field, Val::U64(value));
+        }
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        match i64::try_from(value) {
+            Ok(v) => self.record_i64(field, v),
+            Err(_) => self.record_debug(field, &value),
+        }
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        match u64::try_from(value) {
+            Ok(v) => self.record_u64(field, v),
+            Err(_) => self.record_debug(field, &value),
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if !self.message(field, |m| {
+            let _ = write!(m, "{value}");
+        }) {
+            self.push(field, Val::F64(value));
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if !self.message(field, |m| {
+            let _ = write!(m, "{value}");
+        }) {
+            self.push(field, Val::Bool(value));
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if !self.message(field, |m| m.push_str(value)) {
+            self.push_text(field, |t| t.push_str(value));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if !self.message(field, |m| {
+            let _ = write!(m, "{value:?}");
+        }) {
+            self.push_text(field, |t| {
+                let _ = write!(t, "{value:?}");
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Catches offsets not being rebased when an event is appended after
+    // others: the second event's message and string field must read back
+    // as written, and its span handles must move with it.
+    #[test]
+    fn append_rebases_text_fields_and_spans() {
+        let mut chunk = Arena::default();
+        let mut scratch = Arena::default();
+        let span = Arc::new(SpanRecord {
+            name: Cow::Borrowed("req"),
+            fields: Vec::new(),
+        });
+        let mut firsts = Vec::new();
+        for (msg, table) in [("first", "users"), ("second one", "orders")] {
+            scratch.clear();
+            scratch.text.push_str(msg);
+            let message = 0..msg.len() as u32;
+            let a = scratch.text.len() as u32;
+            scratch.text.push_str(table);
+            scratch
+                .fields
+                .push(("table", Val::Str(a, scratch.text.len() as u32)));
+            scratch.fields.push(("n", Val::U64(7)));
+            scratch.spans.push(span.clone());
+            let parts = Parts {
+                message,
+                fields: 0..2,
+                spans: 0..1,
+            };
+            firsts.push(chunk.append(&mut scratch, &parts));
+            assert!(scratch.spans.is_empty(), "span handles are moved");
+        }
+        let p = &firsts[1];
+        assert_eq!(chunk.str(&p.message), "second one");
+        assert_eq!(
+            chunk.field_values(&p.fields),
+            vec![
+                (Cow::Borrowed("table"), FieldValue::Str("orders".into())),
+                (Cow::Borrowed("n"), FieldValue::U64(7)),
+            ]
+        );
+        assert_eq!(chunk.span_list(&p.spans).len(), 1);
+        assert_eq!(chunk.str(&firsts[0].message), "first");
+        // Out-of-range parts read as empty instead of panicking.
+        assert_eq!(chunk.str(&(90..99)), "");
+        assert!(chunk.field_values(&(7..9)).is_empty());
+    }
+}
