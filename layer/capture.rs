@@ -91,25 +91,44 @@ impl Arena {
 
     /// The fields in `r`, owned and typed.
     pub(crate) fn field_values(&self, r: &Range<u32>) -> Vec<(Cow<'static, str>, FieldValue)> {
-        let fields = self.fields.get(range(r)).unwrap_or(&[]);
+        let mut fields = Vec::new();
+        self.fill_fields(&mut fields, r);
         fields
-            .iter()
-            .map(|&(name, v)| {
-                let value = match v {
-                    Val::I64(v) => FieldValue::I64(v),
-                    Val::U64(v) => FieldValue::U64(v),
-                    Val::F64(v) => FieldValue::F64(v),
-                    Val::Bool(v) => FieldValue::Bool(v),
-                    Val::Str(a, b) => FieldValue::Str(self.str(&(a..b)).to_owned()),
-                };
-                (Cow::Borrowed(name), value)
-            })
-            .collect()
+    }
+
+    /// Overwrites `dst` with the fields in `r`, reusing the strings already
+    /// there for string values.
+    pub(crate) fn fill_fields(
+        &self,
+        dst: &mut Vec<(Cow<'static, str>, FieldValue)>,
+        r: &Range<u32>,
+    ) {
+        let src = self.fields.get(range(r)).unwrap_or(&[]);
+        dst.truncate(src.len());
+        for (i, &(name, v)) in src.iter().enumerate() {
+            if let (Val::Str(a, b), Some((n, FieldValue::Str(s)))) = (v, dst.get_mut(i)) {
+                *n = Cow::Borrowed(name);
+                s.clear();
+                s.push_str(self.str(&(a..b)));
+                continue;
+            }
+            let value = match v {
+                Val::I64(v) => FieldValue::I64(v),
+                Val::U64(v) => FieldValue::U64(v),
+                Val::F64(v) => FieldValue::F64(v),
+                Val::Bool(v) => FieldValue::Bool(v),
+                Val::Str(a, b) => FieldValue::Str(self.str(&(a..b)).to_owned()),
+            };
+            match dst.get_mut(i) {
+                Some(slot) => *slot = (Cow::Borrowed(name), value),
+                None => dst.push((Cow::Borrowed(name), value)),
+            }
+        }
     }
 
     /// The span handles in `r`.
-    pub(crate) fn span_list(&self, r: &Range<u32>) -> Vec<Arc<SpanRecord>> {
-        self.spans.get(range(r)).unwrap_or(&[]).to_vec()
+    pub(crate) fn span_list(&self, r: &Range<u32>) -> &[Arc<SpanRecord>] {
+        self.spans.get(range(r)).unwrap_or(&[])
     }
 
     /// What one event's parts weigh, for the memory budget.
@@ -311,5 +330,44 @@ mod tests {
         // Out-of-range parts read as empty instead of panicking.
         assert_eq!(chunk.str(&(90..99)), "");
         assert!(chunk.field_values(&(7..9)).is_empty());
+    }
+
+    // Catches a reused record keeping stale fields: refilling a field list
+    // that held another event's fields (more of them, other types, strings
+    // where there are now numbers and the reverse) must give exactly the
+    // new event's fields.
+    #[test]
+    fn fill_fields_over_an_older_list_leaves_nothing_stale() {
+        let mut a = Arena::default();
+        a.text.push_str("longer string value|xy");
+        a.fields = vec![
+            ("s", Val::Str(0, 19)),
+            ("n", Val::U64(1)),
+            ("t", Val::Str(20, 22)),
+            ("b", Val::Bool(true)),
+        ];
+        let mut b = Arena::default();
+        b.text.push_str("q");
+        b.fields = vec![
+            ("n2", Val::I64(-1)),
+            ("s2", Val::Str(0, 1)),
+            ("f", Val::F64(0.5)),
+        ];
+        let mut dst = Vec::new();
+        a.fill_fields(&mut dst, &(0..4));
+        assert_eq!(dst, a.field_values(&(0..4)));
+        b.fill_fields(&mut dst, &(0..3));
+        assert_eq!(
+            dst,
+            vec![
+                (Cow::Borrowed("n2"), FieldValue::I64(-1)),
+                (Cow::Borrowed("s2"), FieldValue::Str("q".into())),
+                (Cow::Borrowed("f"), FieldValue::F64(0.5)),
+            ]
+        );
+        a.fill_fields(&mut dst, &(0..4));
+        assert_eq!(dst, a.field_values(&(0..4)));
+        b.fill_fields(&mut dst, &(0..0));
+        assert!(dst.is_empty());
     }
 }

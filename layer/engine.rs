@@ -36,10 +36,11 @@ use crate::layer::intake::{
 };
 use crate::layer::name::{prefix_of, Pattern};
 use crate::layer::record::{
-    estimate_log, estimate_value, now_ns, resync_clock, Batch, BusEvent, LogRecord, Payload,
-    RecordKind, Records,
+    estimate_log, estimate_value, now_ns, resync_clock, Batch, BusEvent, FieldValue, LogRecord,
+    Payload, RecordKind, Records,
 };
 use crate::layer::summary::{StatsReducer, Summarizer};
+use crate::layer::tracing_layer::{captured_record, fill_record};
 
 /// How long the engine lets records collect in publishers' slots before it
 /// sweeps them, while records are flowing: 1 ms.
@@ -55,6 +56,12 @@ pub const PASSTHROUGH_QUEUE: usize = 65_536;
 /// largest it keeps.
 const SPARE_RECORD_VECS: usize = 16;
 const SPARE_RECORDS_MAX_LEN: usize = 1024;
+/// Delivered log records the engine keeps for reuse while idle (each holds
+/// at most a 512-byte message and 16 short fields: a few MiB at most).
+/// During a flood the pool may hold as many records as were ever in flight
+/// at once: records are either queued or pooled, so together they stay
+/// within what the memory budget let through.
+const LOG_POOL_IDLE: usize = 2048;
 /// Default deadline for [`Engine::flush`]: 30 s.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -416,6 +423,7 @@ impl EngineBuilder {
                     spent: spent_rx,
                     spare_events: Vec::new(),
                     spare_logs: Vec::new(),
+                    log_pool: Vec::new(),
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
                     last_resync: Instant::now(),
@@ -691,6 +699,9 @@ struct EngineState {
     /// Emptied record vectors, reused for new batches.
     spare_events: Vec<Vec<BusEvent>>,
     spare_logs: Vec<Vec<LogRecord>>,
+    /// Delivered log records, overwritten in place by new ones so that their
+    /// strings' memory is reused instead of freed and allocated again.
+    log_pool: Vec<LogRecord>,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
     last_prune: Instant,
     last_resync: Instant,
@@ -749,7 +760,13 @@ impl EngineState {
         while let Ok(records) = self.spent.try_recv() {
             match records {
                 Records::Events(v) => keep_spare(&mut self.spare_events, v),
-                Records::Logs(v) => keep_spare(&mut self.spare_logs, v),
+                Records::Logs(mut v) => {
+                    let limit = self.shared.config.memory_budget / std::mem::size_of::<LogRecord>();
+                    let room = limit.saturating_sub(self.log_pool.len());
+                    self.log_pool
+                        .extend(v.drain(..).filter(poolable).take(room));
+                    keep_spare(&mut self.spare_logs, v)
+                }
             }
         }
     }
@@ -759,7 +776,12 @@ impl EngineState {
             std::thread::park_timeout(SWEEP_INTERVAL);
             return;
         }
-        // Nothing arrived: sleep until the next deadline, and let publishers wake us.
+        // Nothing arrived: the flood (if any) is over.
+        if self.log_pool.len() > LOG_POOL_IDLE {
+            self.log_pool.truncate(LOG_POOL_IDLE);
+            self.log_pool.shrink_to_fit();
+        }
+        // Sleep until the next deadline, and let publishers wake us.
         self.shared.idle.store(true, Ordering::SeqCst);
         if self.sweep() {
             self.shared.idle.store(false, Ordering::SeqCst);
@@ -998,13 +1020,14 @@ impl EngineState {
                 ..
             } => {
                 reuse(&mut acc.logs, &mut self.spare_logs);
-                acc.logs.push(crate::layer::tracing_layer::captured_record(
-                    meta,
-                    ts,
-                    &chunk.arena,
-                    &parts,
-                    location,
-                ))
+                let arena = &chunk.arena;
+                acc.logs.push(match self.log_pool.pop() {
+                    Some(mut rec) => {
+                        fill_record(&mut rec, meta, ts, arena, &parts, location);
+                        rec
+                    }
+                    None => captured_record(meta, ts, arena, &parts, location),
+                })
             }
         }
         let len = acc.len();
@@ -1363,6 +1386,18 @@ fn guarded(shared: &Shared, call: impl FnOnce() -> Result<()>) {
         Ok(Err(e)) => shared.sink_failed(&e),
         Err(_) => shared.sink_failed(&Error::Other("a sink panicked".into())),
     }
+}
+
+/// Whether a delivered record is worth keeping for reuse (not one that
+/// carried an unusually long message or many fields).
+fn poolable(r: &LogRecord) -> bool {
+    r.message.capacity() <= 512
+        && r.fields.capacity() <= 16
+        && r.spans.capacity() <= 16
+        && r.fields.iter().all(|(_, v)| match v {
+            FieldValue::Str(s) => s.capacity() <= 256,
+            _ => true,
+        })
 }
 
 /// Empties `v` (freeing its records here) and keeps it for reuse if there is room.

@@ -384,7 +384,7 @@ impl SpillwayLayer {
             line: log_meta.line().filter(|_| location),
             message: arena.str(&parts.message).to_owned(),
             fields: arena.field_values(&parts.fields),
-            spans: arena.span_list(&parts.spans),
+            spans: arena.span_list(&parts.spans).to_vec(),
         })
     }
 }
@@ -398,17 +398,43 @@ pub(crate) fn captured_record(
     parts: &Parts,
     location: bool,
 ) -> LogRecord {
-    LogRecord {
+    let mut rec = LogRecord {
         ts_ns,
         level: *meta.level(),
         target: Cow::Borrowed(meta.target()),
-        module_path: meta.module_path().filter(|_| location).map(Cow::Borrowed),
-        file: meta.file().filter(|_| location).map(Cow::Borrowed),
-        line: meta.line().filter(|_| location),
-        message: arena.str(&parts.message).to_owned(),
-        fields: arena.field_values(&parts.fields),
-        spans: arena.span_list(&parts.spans),
-    }
+        module_path: None,
+        file: None,
+        line: None,
+        message: String::new(),
+        fields: Vec::new(),
+        spans: Vec::new(),
+    };
+    fill_record(&mut rec, meta, ts_ns, arena, parts, location);
+    rec
+}
+
+/// Overwrites `rec` with the event captured into `arena` at `parts`,
+/// reusing the memory of its message and string fields (the engine keeps
+/// delivered records for this).
+pub(crate) fn fill_record(
+    rec: &mut LogRecord,
+    meta: &'static Metadata<'static>,
+    ts_ns: i64,
+    arena: &Arena,
+    parts: &Parts,
+    location: bool,
+) {
+    rec.ts_ns = ts_ns;
+    rec.level = *meta.level();
+    rec.target = Cow::Borrowed(meta.target());
+    rec.module_path = meta.module_path().filter(|_| location).map(Cow::Borrowed);
+    rec.file = meta.file().filter(|_| location).map(Cow::Borrowed);
+    rec.line = meta.line().filter(|_| location);
+    rec.message.clear();
+    rec.message.push_str(arena.str(&parts.message));
+    arena.fill_fields(&mut rec.fields, &parts.fields);
+    rec.spans.clear();
+    rec.spans.extend_from_slice(arena.span_list(&parts.spans));
 }
 
 /// A span's fields, visited by `record`.

@@ -47,9 +47,12 @@ use crate::layer::record::{rfc3339, Batch, BusEvent, FieldValue, LogRecord, Reco
 /// # Ok::<(), spillway::Error>(())
 /// ```
 pub fn encode_batch(batch: &Batch, out: &mut Vec<u8>) {
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         batch: batch.id,
         prefix: &batch.prefix,
+        kinds: Vec::new(),
+        loc_key: None,
+        loc: Vec::new(),
     };
     let mut ts = TsText::default();
     if let Some(notice) = batch.drop_notice() {
@@ -107,10 +110,29 @@ impl TsText {
     }
 }
 
-/// What every line of a batch repeats: `"kind":"…","batch":N,"prefix":"…"`.
+/// What the lines of one batch share, encoded once.
 struct Ctx<'a> {
     batch: u64,
     prefix: &'a str,
+    /// `,"kind":"…","batch":N,"prefix":"…"` per kind of line.
+    kinds: Vec<(&'static str, Vec<u8>)>,
+    /// The last log record's target, level and location (string addresses
+    /// and lengths: within one batch every record is alive, so equal
+    /// addresses mean equal text), and their encoding in `loc`. Records of
+    /// a batch mostly come from a few call sites.
+    loc_key: Option<LocKey>,
+    loc: Vec<u8>,
+}
+
+type LocKey = (
+    [(usize, usize); 3],
+    Option<u32>,
+    crate::layer::record::Level,
+);
+
+/// Address and length of an optional string.
+fn addr(s: Option<&str>) -> (usize, usize) {
+    s.map_or((0, usize::MAX), |s| (s.as_ptr() as usize, s.len()))
 }
 
 /// JSON text, written by hand: the keys are constants, numbers go through
@@ -120,13 +142,39 @@ struct Ctx<'a> {
 /// A test holds it byte-identical to `serde_json`'s output.
 struct Json<'o>(&'o mut Vec<u8>);
 
+/// Whether `s` holds a byte JSON must escape (a control character, `"` or
+/// `\\`), tested eight bytes at a time. The word tests can only err towards
+/// `true`, which sends the string to `serde_json`'s escaper: still correct.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let mut words = s.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let x = u64::from_le_bytes(b);
+        // Bytes below 0x20, and bytes equal to `"` or `\\`.
+        if x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0
+            || has_zero(x ^ (ONES * b'"' as u64))
+            || has_zero(x ^ (ONES * b'\\' as u64))
+        {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 impl Json<'_> {
     fn raw(&mut self, s: &str) {
         self.0.extend_from_slice(s.as_bytes());
     }
 
     fn str(&mut self, s: &str) {
-        if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        if !needs_escape(s.as_bytes()) {
             self.0.reserve(s.len() + 2);
             self.0.push(b'"');
             self.0.extend_from_slice(s.as_bytes());
@@ -195,39 +243,64 @@ impl Json<'_> {
         }
         self.0.push(b']');
     }
-
-    /// `{"ts":"…","ts_ns":N,"kind":"…","batch":N,"prefix":"…"`: a line's start.
-    fn head(&mut self, ctx: &Ctx<'_>, ts: &str, ts_ns: i64, kind: &str) {
-        self.raw("{\"ts\":");
-        self.str(ts);
-        self.raw(",\"ts_ns\":");
-        self.i64(ts_ns);
-        self.raw(",\"kind\":");
-        self.str(kind);
-        self.raw(",\"batch\":");
-        self.u64(ctx.batch);
-        self.raw(",\"prefix\":");
-        self.str(ctx.prefix);
-    }
 }
 
 impl Ctx<'_> {
-    fn log_line(&self, out: &mut Vec<u8>, ts: &str, r: &LogRecord) {
+    /// `{"ts":"…","ts_ns":N,"kind":"…","batch":N,"prefix":"…"`: a line's start.
+    /// (`ts` is RFC 3339 text, which never needs escaping.)
+    fn head(&mut self, out: &mut Vec<u8>, ts: &str, ts_ns: i64, kind: &'static str) {
         let mut j = Json(out);
-        j.head(self, ts, r.ts_ns, "log");
-        j.raw(",\"target\":");
-        j.str(&r.target);
-        j.raw(",\"level\":");
-        j.str(r.level.as_str());
-        j.raw(",\"module\":");
-        j.opt_str(r.module_path.as_deref());
-        j.raw(",\"file\":");
-        j.opt_str(r.file.as_deref());
-        j.raw(",\"line\":");
-        match r.line {
-            Some(l) => j.u64(l.into()),
-            None => j.raw("null"),
+        j.raw("{\"ts\":\"");
+        j.raw(ts);
+        j.raw("\",\"ts_ns\":");
+        j.i64(ts_ns);
+        if !self.kinds.iter().any(|(k, _)| *k == kind) {
+            let mut text = Vec::new();
+            let mut t = Json(&mut text);
+            t.raw(",\"kind\":");
+            t.str(kind);
+            t.raw(",\"batch\":");
+            t.u64(self.batch);
+            t.raw(",\"prefix\":");
+            t.str(self.prefix);
+            self.kinds.push((kind, text));
         }
+        if let Some((_, text)) = self.kinds.iter().find(|(k, _)| *k == kind) {
+            out.extend_from_slice(text);
+        }
+    }
+
+    fn log_line(&mut self, out: &mut Vec<u8>, ts: &str, r: &LogRecord) {
+        self.head(out, ts, r.ts_ns, "log");
+        let key = (
+            [
+                addr(Some(&r.target)),
+                addr(r.module_path.as_deref()),
+                addr(r.file.as_deref()),
+            ],
+            r.line,
+            r.level,
+        );
+        if self.loc_key != Some(key) {
+            self.loc.clear();
+            let mut j = Json(&mut self.loc);
+            j.raw(",\"target\":");
+            j.str(&r.target);
+            j.raw(",\"level\":");
+            j.str(r.level.as_str());
+            j.raw(",\"module\":");
+            j.opt_str(r.module_path.as_deref());
+            j.raw(",\"file\":");
+            j.opt_str(r.file.as_deref());
+            j.raw(",\"line\":");
+            match r.line {
+                Some(l) => j.u64(l.into()),
+                None => j.raw("null"),
+            }
+            self.loc_key = Some(key);
+        }
+        out.extend_from_slice(&self.loc);
+        let mut j = Json(out);
         j.raw(",\"message\":");
         j.str(&r.message);
         j.raw(",\"fields\":");
@@ -237,9 +310,9 @@ impl Ctx<'_> {
         j.raw("}\n");
     }
 
-    fn event_line(&self, out: &mut Vec<u8>, ts: &str, kind: &str, e: &BusEvent) {
+    fn event_line(&mut self, out: &mut Vec<u8>, ts: &str, kind: &'static str, e: &BusEvent) {
+        self.head(out, ts, e.ts_ns, kind);
         let mut j = Json(out);
-        j.head(self, ts, e.ts_ns, kind);
         j.raw(",\"name\":");
         j.str(&e.name);
         j.raw(",\"payload\":");
@@ -247,9 +320,16 @@ impl Ctx<'_> {
         j.raw("}\n");
     }
 
-    fn summary_line(&self, out: &mut Vec<u8>, ts: &str, ts_ns: i64, name: &str, payload: &Value) {
+    fn summary_line(
+        &mut self,
+        out: &mut Vec<u8>,
+        ts: &str,
+        ts_ns: i64,
+        name: &str,
+        payload: &Value,
+    ) {
+        self.head(out, ts, ts_ns, "summary");
         let mut j = Json(out);
-        j.head(self, ts, ts_ns, "summary");
         j.raw(",\"name\":");
         j.str(name);
         j.raw(",\"payload\":");
@@ -275,6 +355,11 @@ mod tests {
         use super::*;
         use serde::ser::{SerializeMap, SerializeSeq};
         use serde::{Serialize, Serializer};
+
+        struct Ctx<'a> {
+            batch: u64,
+            prefix: &'a str,
+        }
 
         struct LogLine<'a> {
             ctx: &'a Ctx<'a>,
@@ -632,7 +717,7 @@ mod tests {
                     Level::TRACE,
                 ][i % 5],
                 target: Cow::Owned(format!("app::{}", awkward[i % awkward.len()])),
-                module_path: (i % 3 != 0).then(|| Cow::Borrowed("app::m")),
+                module_path: (i % 3 != 0).then_some(Cow::Borrowed("app::m")),
                 file: (i % 4 != 0).then(|| Cow::Owned(awkward[(i + 2) % awkward.len()].into())),
                 line: (i % 2 == 0).then_some(i as u32 * 1000),
                 message: awkward[(i + 3) % awkward.len()].repeat(i % 3),
@@ -673,7 +758,30 @@ mod tests {
         let eb = batch(RecordKind::Event, Records::Events(events.clone()));
         let mut sb = batch(RecordKind::Sample, Records::Events(events));
         sb.summary = Some(Arc::new(json!({ "max": 1.5 })));
-        for b in [&lb, &eb, &sb] {
+        // Runs from one call site (the encoder reuses their location text),
+        // broken by a different line, level, file or target only.
+        let site = |line: u32, level: Level, file: &'static str, target: &'static str| LogRecord {
+            ts_ns: 7,
+            level,
+            target: Cow::Borrowed(target),
+            module_path: Some(Cow::Borrowed("app::m")),
+            file: Some(Cow::Borrowed(file)),
+            line: Some(line),
+            message: "m".into(),
+            fields: Vec::new(),
+            spans: Vec::new(),
+        };
+        let runs = vec![
+            site(1, Level::INFO, "a.rs", "app"),
+            site(1, Level::INFO, "a.rs", "app"),
+            site(2, Level::INFO, "a.rs", "app"),
+            site(2, Level::WARN, "a.rs", "app"),
+            site(2, Level::WARN, "b.rs", "app"),
+            site(2, Level::WARN, "b.rs", "app::x"),
+            site(2, Level::WARN, "b.rs", "app::x"),
+        ];
+        let rb = batch(RecordKind::Log, Records::Logs(runs));
+        for b in [&lb, &rb, &eb, &sb] {
             let (mut ours, mut want) = (Vec::new(), Vec::new());
             encode_batch(b, &mut ours);
             reference::encode_batch(b, &mut want);
@@ -682,5 +790,23 @@ mod tests {
                 String::from_utf8_lossy(&want)
             );
         }
+    }
+
+    // Catches the word-at-a-time escape test missing a byte (which would
+    // write a raw control character, quote or backslash into a line): every
+    // byte value, at every position of a word and of the tail.
+    #[test]
+    fn needs_escape_finds_every_special_byte_anywhere() {
+        for len in [1, 7, 8, 9, 16, 17] {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[pos] = b;
+                    let want = b < 0x20 || b == b'"' || b == b'\\';
+                    assert_eq!(needs_escape(&s), want, "byte {b:#x} at {pos} of {len}");
+                }
+            }
+        }
+        assert!(!needs_escape("é 漢字 🙂 plain text".as_bytes()));
     }
 }
