@@ -48,6 +48,10 @@ pub(crate) struct Parts {
 /// arena keeps allocated.
 pub(crate) const ARENA_TEXT_LIMIT: usize = 32 << 10;
 
+/// What a chunk's arena reserves at its first event.
+const CHUNK_TEXT: usize = 8 << 10;
+const CHUNK_FIELDS: usize = 512;
+
 fn range(r: &Range<u32>) -> Range<usize> {
     r.start as usize..r.end as usize
 }
@@ -72,6 +76,12 @@ impl Arena {
     /// Appends `other`'s event (its `parts`), moving its span handles;
     /// returns where it now sits here.
     pub(crate) fn append(&mut self, other: &mut Arena, parts: &Parts) -> Parts {
+        if self.text.capacity() == 0 {
+            // A chunk's first event: room for a chunk of typical ones (a short
+            // message and a few fields each), rather than growing step by step.
+            self.text.reserve(CHUNK_TEXT);
+            self.fields.reserve(CHUNK_FIELDS);
+        }
         let base = self.text.len() as u32;
         self.text.push_str(&other.text);
         let f0 = self.fields.len() as u32;
@@ -347,7 +357,7 @@ mod tests {
             ("b", Val::Bool(true)),
         ];
         let mut b = Arena::default();
-        b.text.push_str("q");
+        b.text.push('q');
         b.fields = vec![
             ("n2", Val::I64(-1)),
             ("s2", Val::Str(0, 1)),

@@ -58,10 +58,10 @@ const SPARE_RECORD_VECS: usize = 16;
 const SPARE_RECORDS_MAX_LEN: usize = 1024;
 /// Delivered log records the engine keeps for reuse while idle (each holds
 /// at most a 512-byte message and 16 short fields: a few MiB at most).
-/// During a flood the pool may hold as many records as were ever in flight
-/// at once: records are either queued or pooled, so together they stay
-/// within what the memory budget let through.
 const LOG_POOL_IDLE: usize = 2048;
+/// During a flood the pool may hold records weighing up to this fraction of
+/// the memory budget (memory outside the budget, so kept small).
+const LOG_POOL_BUDGET_SHARE: usize = 8;
 /// Default deadline for [`Engine::flush`]: 30 s.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -406,6 +406,7 @@ impl EngineBuilder {
         )?;
         let s = shared.clone();
         let summarizers = self.summarizers;
+        let log_pool_limit = shared.config.memory_budget / LOG_POOL_BUDGET_SHARE;
         let handle = spawn(
             "spillway-engine",
             Box::new(move || {
@@ -421,9 +422,10 @@ impl EngineBuilder {
                     summarizers,
                     key_buf: String::new(),
                     spent: spent_rx,
-                    spare_events: Vec::new(),
-                    spare_logs: Vec::new(),
-                    log_pool: Vec::new(),
+                    recycler: Recycler {
+                        log_pool_limit,
+                        ..Recycler::default()
+                    },
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
                     last_resync: Instant::now(),
@@ -696,12 +698,8 @@ struct EngineState {
     key_buf: String,
     /// Delivered batches' records, handed back to be freed here (see `retire`).
     spent: Receiver<Records>,
-    /// Emptied record vectors, reused for new batches.
-    spare_events: Vec<Vec<BusEvent>>,
-    spare_logs: Vec<Vec<LogRecord>>,
-    /// Delivered log records, overwritten in place by new ones so that their
-    /// strings' memory is reused instead of freed and allocated again.
-    log_pool: Vec<LogRecord>,
+    /// Delivered records and their vectors, for reuse.
+    recycler: Recycler,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
     last_prune: Instant,
     last_resync: Instant,
@@ -754,20 +752,11 @@ impl EngineState {
         }
     }
 
-    /// Frees the events of delivered batches (they were allocated on this
-    /// thread) and keeps a few of their vectors for the next batches.
+    /// Takes back the records of delivered batches (they were allocated on
+    /// this thread), to reuse or free here.
     fn reclaim(&mut self) {
         while let Ok(records) = self.spent.try_recv() {
-            match records {
-                Records::Events(v) => keep_spare(&mut self.spare_events, v),
-                Records::Logs(mut v) => {
-                    let limit = self.shared.config.memory_budget / std::mem::size_of::<LogRecord>();
-                    let room = limit.saturating_sub(self.log_pool.len());
-                    self.log_pool
-                        .extend(v.drain(..).filter(poolable).take(room));
-                    keep_spare(&mut self.spare_logs, v)
-                }
-            }
+            self.recycler.take(records);
         }
     }
 
@@ -777,10 +766,7 @@ impl EngineState {
             return;
         }
         // Nothing arrived: the flood (if any) is over.
-        if self.log_pool.len() > LOG_POOL_IDLE {
-            self.log_pool.truncate(LOG_POOL_IDLE);
-            self.log_pool.shrink_to_fit();
-        }
+        self.recycler.trim();
         // Sleep until the next deadline, and let publishers wake us.
         self.shared.idle.store(true, Ordering::SeqCst);
         if self.sweep() {
@@ -981,6 +967,7 @@ impl EngineState {
             disp_tx: &self.disp_tx,
             summarizers: &self.summarizers,
             stats: &mut self.stats,
+            recycler: &mut self.recycler,
         };
         if acc.len() > 0 && acc.bytes + size > max_bytes {
             ctx.close(acc);
@@ -1002,7 +989,7 @@ impl EngineState {
         acc.bytes += size;
         match entry {
             Entry::Event { payload, .. } => {
-                reuse(&mut acc.events, &mut self.spare_events);
+                reuse(&mut acc.events, &mut ctx.recycler.spare_events);
                 acc.events.push(BusEvent {
                     name: name.to_owned(),
                     payload: payload.into_arc(),
@@ -1010,7 +997,7 @@ impl EngineState {
                 })
             }
             Entry::Log { rec, .. } => {
-                reuse(&mut acc.logs, &mut self.spare_logs);
+                reuse(&mut acc.logs, &mut ctx.recycler.spare_logs);
                 acc.logs.push(*rec)
             }
             Entry::Captured {
@@ -1019,15 +1006,11 @@ impl EngineState {
                 location,
                 ..
             } => {
-                reuse(&mut acc.logs, &mut self.spare_logs);
-                let arena = &chunk.arena;
-                acc.logs.push(match self.log_pool.pop() {
-                    Some(mut rec) => {
-                        fill_record(&mut rec, meta, ts, arena, &parts, location);
-                        rec
-                    }
-                    None => captured_record(meta, ts, arena, &parts, location),
-                })
+                reuse(&mut acc.logs, &mut ctx.recycler.spare_logs);
+                let rec = ctx
+                    .recycler
+                    .log_record(meta, ts, &chunk.arena, &parts, location);
+                acc.logs.push(rec)
             }
         }
         let len = acc.len();
@@ -1077,6 +1060,7 @@ impl EngineState {
                 disp_tx: &self.disp_tx,
                 summarizers: &self.summarizers,
                 stats: &mut self.stats,
+                recycler: &mut self.recycler,
             },
             &mut self.accs,
         )
@@ -1203,6 +1187,20 @@ impl EngineState {
         fold_quiet_stats(&mut self.stats, MAX_STATS_PREFIXES, |p| {
             accs.contains_key(p)
         });
+        // Threads that published nothing since the last prune give back their
+        // spare chunks (a chunk's buffers are tens of KiB).
+        let slots = self
+            .shared
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for slot in slots {
+            let mut inner = slot.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if inner.cur.entries.is_empty() && inner.full.is_empty() {
+                inner.spare.clear();
+            }
+        }
     }
 
     fn snapshot(&self) -> Stats {
@@ -1313,6 +1311,8 @@ struct Ctx<'a> {
     disp_tx: &'a Sender<OutMsg>,
     summarizers: &'a HashMap<String, Arc<dyn Summarizer>>,
     stats: &'a mut FxMap<Arc<str>, PrefixStats>,
+    /// Takes the records of batches that no sink or subscriber takes.
+    recycler: &'a mut Recycler,
 }
 
 impl Ctx<'_> {
@@ -1366,13 +1366,22 @@ impl Ctx<'_> {
         }
         stat_mut(self.stats, &acc.prefix).batches += 1;
         let passthrough = policy.passthrough;
+        let to_sinks = batch.persist && self.sink_tx.is_some();
+        let to_subscribers = !passthrough && batch.kind != RecordKind::Log;
+        if !to_sinks && !to_subscribers {
+            // Nobody takes it: its records are reused at once.
+            let records = std::mem::replace(&mut batch.records, Records::Events(Vec::new()));
+            drop(batch);
+            self.recycler.take(records);
+            return;
+        }
         let batch = Arc::new(batch);
-        if batch.persist {
+        if to_sinks {
             if let Some(tx) = self.sink_tx {
                 let _ = tx.send(OutMsg::Batch(batch.clone()));
             }
         }
-        if !passthrough && batch.kind != RecordKind::Log {
+        if to_subscribers {
             let _ = self.disp_tx.send(OutMsg::Batch(batch));
         }
     }
@@ -1385,6 +1394,66 @@ fn guarded(shared: &Shared, call: impl FnOnce() -> Result<()>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => shared.sink_failed(&e),
         Err(_) => shared.sink_failed(&Error::Other("a sink panicked".into())),
+    }
+}
+
+/// Delivered records, reused by the engine thread that builds new ones: their
+/// vectors, and log records themselves (overwritten in place, so that their
+/// strings' memory is reused instead of freed and allocated again).
+#[derive(Default)]
+struct Recycler {
+    spare_events: Vec<Vec<BusEvent>>,
+    spare_logs: Vec<Vec<LogRecord>>,
+    log_pool: Vec<LogRecord>,
+    /// What the pooled records weigh (by `estimate_log`), and the most they may.
+    log_pool_bytes: usize,
+    log_pool_limit: usize,
+}
+
+impl Recycler {
+    /// Takes a batch's records: log records into the pool while there is
+    /// room, the rest freed, and the vectors kept.
+    fn take(&mut self, records: Records) {
+        match records {
+            Records::Events(v) => keep_spare(&mut self.spare_events, v),
+            Records::Logs(mut v) => {
+                for r in v.drain(..) {
+                    if self.log_pool_bytes < self.log_pool_limit && poolable(&r) {
+                        self.log_pool_bytes += estimate_log(&r);
+                        self.log_pool.push(r);
+                    }
+                }
+                keep_spare(&mut self.spare_logs, v)
+            }
+        }
+    }
+
+    /// The record of a captured event, in a pooled record if there is one.
+    fn log_record(
+        &mut self,
+        meta: &'static tracing_core::Metadata<'static>,
+        ts: i64,
+        arena: &crate::layer::capture::Arena,
+        parts: &crate::layer::capture::Parts,
+        location: bool,
+    ) -> LogRecord {
+        match self.log_pool.pop() {
+            Some(mut rec) => {
+                self.log_pool_bytes = self.log_pool_bytes.saturating_sub(estimate_log(&rec));
+                fill_record(&mut rec, meta, ts, arena, parts, location);
+                rec
+            }
+            None => captured_record(meta, ts, arena, parts, location),
+        }
+    }
+
+    /// Shrinks the pool to what an idle engine keeps.
+    fn trim(&mut self) {
+        if self.log_pool.len() > LOG_POOL_IDLE {
+            self.log_pool.truncate(LOG_POOL_IDLE);
+            self.log_pool.shrink_to_fit();
+            self.log_pool_bytes = self.log_pool.iter().map(estimate_log).sum();
+        }
     }
 }
 

@@ -92,6 +92,15 @@ impl Chunk {
         }
     }
 
+    /// An empty chunk with room for CHUNK entries (its arena is sized at
+    /// its first log event).
+    fn fresh() -> Chunk {
+        Chunk {
+            entries: Vec::with_capacity(CHUNK),
+            ..Chunk::default()
+        }
+    }
+
     /// Empties the chunk for reuse, keeping its buffers.
     pub(crate) fn clear(&mut self) {
         self.entries.clear();
@@ -131,10 +140,7 @@ impl SlotInner {
     pub(crate) fn take_cur(&mut self, refill: bool) -> Chunk {
         self.generation += 1;
         let next = if refill {
-            self.spare.pop().unwrap_or_else(|| Chunk {
-                entries: Vec::with_capacity(CHUNK),
-                ..Chunk::default()
-            })
+            self.spare.pop().unwrap_or_else(Chunk::fresh)
         } else {
             Chunk::default()
         };
@@ -668,10 +674,7 @@ impl Shared {
         }
         let was_empty = inner.cur.entries.is_empty();
         if was_empty && inner.cur.entries.capacity() == 0 {
-            match inner.spare.pop() {
-                Some(c) => inner.cur = c,
-                None => inner.cur.entries.reserve_exact(CHUNK),
-            }
+            inner.cur = inner.spare.pop().unwrap_or_else(Chunk::fresh);
         }
         let entry = make(&mut inner);
         inner.cur.entries.push(entry);
