@@ -7,6 +7,13 @@
 //! for urgent batches and for `Engine::flush`). With
 //! [`Durability::Fsync`] every frame is followed by `fsync`.
 //!
+//! Compression runs on a thread of its own (`spillway-zstd`), one frame
+//! ahead: while a full frame is compressed the sink goes on encoding the
+//! next batches, and writes the compressed frame before it hands over the
+//! next one (or on the next tick, or flush). Files are only ever written
+//! from the sink's thread, in order. Under a flood this puts the two
+//! costliest steps, encoding and compressing, on two cores.
+//!
 //! Files are sealed at `rotate_bytes` or `rotate_age`; the next frame starts
 //! a new file. After every rotation, and every [`RETENTION_INTERVAL`], the
 //! oldest sealed files are deleted while all segments together exceed
@@ -22,6 +29,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::time::{Duration, Instant, SystemTime};
 
 use zstd::zstd_safe;
@@ -47,8 +55,7 @@ pub struct SegmentSink {
     data_dir: PathBuf,
     config: SegmentConfig,
     streams: [StreamWriter; 3],
-    compressor: zstd::bulk::Compressor<'static>,
-    compressed: Vec<u8>,
+    zstd: Compression,
     next_seq: u32,
     last_retention: Instant,
     recovered: Vec<Damage>,
@@ -130,6 +137,7 @@ impl SegmentSink {
         compressor
             .set_parameter(zstd_safe::CParameter::ChecksumFlag(true))
             .map_err(|e| Error::Other(format!("cannot enable zstd checksums: {e}")))?;
+        let zstd = Compression::start(compressor)?;
         let mut recovered = Vec::new();
         let mut next_seq = 0;
         let streams = Stream::ALL.map(|stream| StreamWriter {
@@ -144,8 +152,7 @@ impl SegmentSink {
             data_dir,
             config,
             streams,
-            compressor,
-            compressed: Vec::new(),
+            zstd,
             next_seq: 0,
             last_retention: Instant::now(),
             recovered: Vec::new(),
@@ -199,7 +206,9 @@ impl SegmentSink {
     }
 
     /// Writes the pending lines of stream `i` as frames: all of them when
-    /// `all`, otherwise only while a full `max_frame_bytes` is waiting.
+    /// `all` (and then waits until they are written), otherwise only while
+    /// a full `max_frame_bytes` is waiting (the last one may still be in
+    /// compression when this returns).
     fn emit(&mut self, i: usize, all: bool) -> Result<()> {
         let max = self.config.max_frame_bytes;
         let pending = std::mem::take(&mut self.streams[i].pending);
@@ -215,11 +224,14 @@ impl SegmentSink {
             // Lines that cannot be written are dropped, all of them (the
             // engine counts the error): keeping them would grow memory
             // without bound on a full disk.
-            if let Err(e) = self.write_frame(i, &rest[..cut]) {
+            if let Err(e) = self.submit(i, &rest[..cut]) {
                 result = Err(e);
                 done = pending.len();
                 break;
             }
+        }
+        if all {
+            result = result.and(self.finish());
         }
         let w = &mut self.streams[i];
         w.pending = pending;
@@ -230,13 +242,67 @@ impl SegmentSink {
         result
     }
 
-    fn write_frame(&mut self, i: usize, data: &[u8]) -> Result<()> {
-        self.compressed.clear();
-        self.compressed
-            .reserve(zstd_safe::compress_bound(data.len()));
-        self.compressor
-            .compress_to_buffer(data, &mut self.compressed)
-            .map_err(|e| Error::Other(format!("zstd compression failed: {e}")))?;
+    /// Hands a frame of stream `i` to the compression thread, after
+    /// writing the one it was compressing.
+    fn submit(&mut self, i: usize, data: &[u8]) -> Result<()> {
+        let written = self.finish();
+        let mut frame = std::mem::take(&mut self.zstd.frame);
+        frame.clear();
+        frame.extend_from_slice(data);
+        let out = std::mem::take(&mut self.zstd.compressed);
+        if self.zstd.jobs.send((frame, out)).is_err() {
+            return written.and(Err(Error::Other(
+                "the zstd compression thread is gone".into(),
+            )));
+        }
+        self.zstd.inflight = Some(i);
+        written
+    }
+
+    /// Waits for the frame in compression, if any, and writes it.
+    fn finish(&mut self) -> Result<()> {
+        let Some(i) = self.zstd.inflight.take() else {
+            return Ok(());
+        };
+        match self.zstd.done.recv() {
+            Ok(done) => self.write_done(i, done),
+            Err(_) => Err(Error::Other("the zstd compression thread is gone".into())),
+        }
+    }
+
+    /// Writes the frame in compression if it is ready; does not wait.
+    fn poll(&mut self) -> Result<()> {
+        let Some(i) = self.zstd.inflight else {
+            return Ok(());
+        };
+        match self.zstd.done.try_recv() {
+            Ok(done) => {
+                self.zstd.inflight = None;
+                self.write_done(i, done)
+            }
+            Err(TryRecvError::Empty) => Ok(()),
+            Err(TryRecvError::Disconnected) => {
+                self.zstd.inflight = None;
+                Err(Error::Other("the zstd compression thread is gone".into()))
+            }
+        }
+    }
+
+    fn write_done(&mut self, i: usize, (frame, out): Done) -> Result<()> {
+        self.zstd.frame = frame;
+        let result = match &out {
+            Ok(compressed) => self.write_frame(i, compressed),
+            Err(e) => Err(Error::Other(format!("zstd compression failed: {e}"))),
+        };
+        if let Ok(buf) = out {
+            self.zstd.compressed = buf;
+        }
+        result
+    }
+
+    /// Appends one compressed frame to stream `i`'s file (creating it, and
+    /// rotating after it, as needed).
+    fn write_frame(&mut self, i: usize, compressed: &[u8]) -> Result<()> {
         if self.streams[i].file.is_none() {
             let seg = self.create_file(i)?;
             self.streams[i].file = Some(seg);
@@ -245,7 +311,7 @@ impl SegmentSink {
         let Some(seg) = self.streams[i].file.as_mut() else {
             return Ok(());
         };
-        if let Err(e) = seg.file.write_all(&self.compressed) {
+        if let Err(e) = seg.file.write_all(compressed) {
             // Cut a partial write so the file stays a clean run of frames;
             // if even that fails, seal the file and start a new one.
             if seg.file.set_len(seg.len).is_err() {
@@ -257,7 +323,7 @@ impl SegmentSink {
                 .map_or_else(|| self.streams[i].dir.clone(), |s| s.path.clone());
             return Err(Error::io("cannot write segment", path, e));
         }
-        seg.len += self.compressed.len() as u64;
+        seg.len += compressed.len() as u64;
         if fsync {
             seg.file
                 .sync_data()
@@ -378,7 +444,7 @@ impl SegmentSink {
                 result = result.and(Err(e));
             }
         }
-        result
+        result.and(self.finish())
     }
 }
 
@@ -394,7 +460,8 @@ impl Sink for SegmentSink {
         let w = &mut self.streams[i];
         encode_batch(batch, &mut w.pending);
         w.pending_since.get_or_insert_with(Instant::now);
-        self.emit(i, false)
+        let result = self.emit(i, false);
+        result.and(self.poll())
     }
 
     fn flush(&mut self) -> Result<()> {
@@ -402,7 +469,7 @@ impl Sink for SegmentSink {
     }
 
     fn tick(&mut self, now: Instant) -> Result<()> {
-        let mut result = Ok(());
+        let mut result = self.poll();
         let mut rotated = false;
         for i in 0..self.streams.len() {
             let w = &mut self.streams[i];
@@ -438,6 +505,50 @@ impl Drop for SegmentSink {
         // Best effort: the engine flushes before dropping its sinks; this
         // covers a sink used on its own. An error here has nowhere to go.
         let _ = self.flush_all();
+    }
+}
+
+/// A compressed frame (or why it is not), with the frame's text buffer back.
+type Done = (Vec<u8>, std::result::Result<Vec<u8>, String>);
+
+/// The compression thread and the one frame it may be working on.
+struct Compression {
+    jobs: SyncSender<(Vec<u8>, Vec<u8>)>,
+    done: Receiver<Done>,
+    /// The stream of the frame being compressed.
+    inflight: Option<usize>,
+    /// Buffers passed back and forth, reused.
+    frame: Vec<u8>,
+    compressed: Vec<u8>,
+}
+
+impl Compression {
+    fn start(mut c: zstd::bulk::Compressor<'static>) -> Result<Compression> {
+        let (jobs, job_rx) = mpsc::sync_channel::<(Vec<u8>, Vec<u8>)>(1);
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("spillway-zstd".into())
+            .spawn(move || {
+                for (frame, mut out) in job_rx {
+                    out.clear();
+                    out.reserve(zstd_safe::compress_bound(frame.len()));
+                    let r = c
+                        .compress_to_buffer(&frame, &mut out)
+                        .map(|_| out)
+                        .map_err(|e| e.to_string());
+                    if done_tx.send((frame, r)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start the zstd thread: {e}")))?;
+        Ok(Compression {
+            jobs,
+            done,
+            inflight: None,
+            frame: Vec::new(),
+            compressed: Vec::new(),
+        })
     }
 }
 
