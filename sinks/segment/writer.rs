@@ -469,7 +469,8 @@ impl Sink for SegmentSink {
     }
 
     fn tick(&mut self, now: Instant) -> Result<()> {
-        let mut result = self.poll();
+        // The frame in compression is written now, whatever else is due.
+        let mut result = self.finish();
         let mut rotated = false;
         for i in 0..self.streams.len() {
             let w = &mut self.streams[i];
@@ -701,6 +702,22 @@ mod tests {
         assert!(ids(dir.path()).is_empty(), "written before its delay");
         sink.tick(t0 + DEFAULT_MAX_FRAME_DELAY).expect("tick");
         assert_eq!(ids(dir.path()), [0, 1, 2]);
+    }
+
+    // Catches a frame left in the compression thread: when a batch fills its
+    // frames exactly (here every line is a frame of its own) nothing is left
+    // pending, and the last frame must still reach the file at the next tick.
+    #[test]
+    fn the_frame_in_compression_is_written_at_the_next_tick() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = SegmentConfig {
+            max_frame_bytes: 1,
+            ..config()
+        };
+        let mut sink = SegmentSink::open(dir.path(), cfg).expect("open");
+        sink.write_batch(&event_batch(1, 0, 20)).expect("write");
+        sink.tick(Instant::now()).expect("tick");
+        assert_eq!(ids(dir.path()), (0..20).collect::<Vec<_>>());
     }
 
     // Catches a frame cap that is ignored (frames would grow without bound
