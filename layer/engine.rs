@@ -56,12 +56,11 @@ pub const PASSTHROUGH_QUEUE: usize = 65_536;
 /// largest it keeps.
 const SPARE_RECORD_VECS: usize = 16;
 const SPARE_RECORDS_MAX_LEN: usize = 1024;
-/// Delivered log records the engine keeps for reuse while idle (each holds
-/// at most a 512-byte message and 16 short fields: a few MiB at most).
-const LOG_POOL_IDLE: usize = 2048;
-/// During a flood the pool may hold records weighing up to this fraction of
-/// the memory budget (memory outside the budget, so kept small).
-const LOG_POOL_BUDGET_SHARE: usize = 8;
+/// Delivered records the engine keeps for reuse while idle, per kind.
+const POOL_IDLE: usize = 2048;
+/// During a flood the pools may hold records weighing up to this fraction
+/// of the memory budget each (memory outside the budget, so kept small).
+const POOL_BUDGET_SHARE: usize = 8;
 /// Default deadline for [`Engine::flush`]: 30 s.
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -406,7 +405,7 @@ impl EngineBuilder {
         )?;
         let s = shared.clone();
         let summarizers = self.summarizers;
-        let log_pool_limit = shared.config.memory_budget / LOG_POOL_BUDGET_SHARE;
+        let pool_limit = shared.config.memory_budget / POOL_BUDGET_SHARE;
         let handle = spawn(
             "spillway-engine",
             Box::new(move || {
@@ -422,10 +421,7 @@ impl EngineBuilder {
                     summarizers,
                     key_buf: String::new(),
                     spent: spent_rx,
-                    recycler: Recycler {
-                        log_pool_limit,
-                        ..Recycler::default()
-                    },
+                    recycler: Recycler::new(pool_limit),
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
                     last_resync: Instant::now(),
@@ -989,15 +985,12 @@ impl EngineState {
         acc.bytes += size;
         match entry {
             Entry::Event { payload, .. } => {
-                reuse(&mut acc.events, &mut ctx.recycler.spare_events);
-                acc.events.push(BusEvent {
-                    name: name.to_owned(),
-                    payload: payload.into_arc(),
-                    ts_ns: ts,
-                })
+                reuse(&mut acc.events, &mut ctx.recycler.events.spare);
+                let ev = ctx.recycler.event(name, payload, ts);
+                acc.events.push(ev)
             }
             Entry::Log { rec, .. } => {
-                reuse(&mut acc.logs, &mut ctx.recycler.spare_logs);
+                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare);
                 acc.logs.push(*rec)
             }
             Entry::Captured {
@@ -1006,7 +999,7 @@ impl EngineState {
                 location,
                 ..
             } => {
-                reuse(&mut acc.logs, &mut ctx.recycler.spare_logs);
+                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare);
                 let rec = ctx
                     .recycler
                     .log_record(meta, ts, &chunk.arena, &parts, location);
@@ -1397,34 +1390,66 @@ fn guarded(shared: &Shared, call: impl FnOnce() -> Result<()>) {
     }
 }
 
-/// Delivered records, reused by the engine thread that builds new ones: their
-/// vectors, and log records themselves (overwritten in place, so that their
-/// strings' memory is reused instead of freed and allocated again).
+/// Delivered records, reused by the engine thread that builds new ones:
+/// overwritten in place, so that their strings' and payloads' memory is
+/// reused instead of freed and allocated again, and their vectors.
 #[derive(Default)]
 struct Recycler {
-    spare_events: Vec<Vec<BusEvent>>,
-    spare_logs: Vec<Vec<LogRecord>>,
-    log_pool: Vec<LogRecord>,
-    /// What the pooled records weigh (by `estimate_log`), and the most they may.
-    log_pool_bytes: usize,
-    log_pool_limit: usize,
+    events: Pool<BusEvent>,
+    logs: Pool<LogRecord>,
+}
+
+/// What a pooled event weighs (its payload is emptied when it is pooled).
+fn event_weight(e: &BusEvent) -> usize {
+    e.name.capacity() + 64
 }
 
 impl Recycler {
-    /// Takes a batch's records: log records into the pool while there is
-    /// room, the rest freed, and the vectors kept.
+    fn new(limit: usize) -> Recycler {
+        Recycler {
+            events: Pool {
+                limit,
+                ..Pool::default()
+            },
+            logs: Pool {
+                limit,
+                ..Pool::default()
+            },
+        }
+    }
+
+    /// Takes a batch's records back.
     fn take(&mut self, records: Records) {
         match records {
-            Records::Events(v) => keep_spare(&mut self.spare_events, v),
-            Records::Logs(mut v) => {
-                for r in v.drain(..) {
-                    if self.log_pool_bytes < self.log_pool_limit && poolable(&r) {
-                        self.log_pool_bytes += estimate_log(&r);
-                        self.log_pool.push(r);
+            Records::Events(mut v) => {
+                for e in v.iter_mut() {
+                    // Free what the payload held now; keep its allocation if
+                    // no subscriber kept a handle to it.
+                    if let Some(p) = Arc::get_mut(&mut e.payload) {
+                        *p = serde_json::Value::Null;
                     }
                 }
-                keep_spare(&mut self.spare_logs, v)
+                self.events.put(v, event_weight)
             }
+            Records::Logs(v) => self.logs.put(v, estimate_log),
+        }
+    }
+
+    /// A bus event, in a pooled one if there is one.
+    fn event(&mut self, name: &str, payload: Payload, ts_ns: i64) -> BusEvent {
+        match self.events.get(event_weight, |e| e.name.capacity() <= 256) {
+            Some(mut ev) => {
+                ev.name.clear();
+                ev.name.push_str(name);
+                ev.ts_ns = ts_ns;
+                payload.store(&mut ev.payload);
+                ev
+            }
+            None => BusEvent {
+                name: name.to_owned(),
+                payload: payload.into_arc(),
+                ts_ns,
+            },
         }
     }
 
@@ -1437,9 +1462,8 @@ impl Recycler {
         parts: &crate::layer::capture::Parts,
         location: bool,
     ) -> LogRecord {
-        match self.log_pool.pop() {
+        match self.logs.get(estimate_log, poolable) {
             Some(mut rec) => {
-                self.log_pool_bytes = self.log_pool_bytes.saturating_sub(estimate_log(&rec));
                 fill_record(&mut rec, meta, ts, arena, parts, location);
                 rec
             }
@@ -1447,13 +1471,76 @@ impl Recycler {
         }
     }
 
-    /// Shrinks the pool to what an idle engine keeps.
+    /// Shrinks the pools to what an idle engine keeps.
     fn trim(&mut self) {
-        if self.log_pool.len() > LOG_POOL_IDLE {
-            self.log_pool.truncate(LOG_POOL_IDLE);
-            self.log_pool.shrink_to_fit();
-            self.log_pool_bytes = self.log_pool.iter().map(estimate_log).sum();
+        self.events.trim(POOL_IDLE, event_weight);
+        self.logs.trim(POOL_IDLE, estimate_log);
+    }
+}
+
+/// Records kept whole, in the vectors their batches came back in, and empty
+/// vectors for new batches.
+struct Pool<T> {
+    full: Vec<Vec<T>>,
+    spare: Vec<Vec<T>>,
+    /// What the pooled records weigh, and the most they may.
+    bytes: usize,
+    limit: usize,
+}
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Pool {
+            full: Vec::new(),
+            spare: Vec::new(),
+            bytes: 0,
+            limit: 0,
         }
+    }
+}
+
+impl<T> Pool<T> {
+    /// Keeps `v`'s records if they fit under the limit (else frees them).
+    fn put(&mut self, v: Vec<T>, weigh: impl Fn(&T) -> usize) {
+        let w: usize = v.iter().map(weigh).sum();
+        if !v.is_empty() && self.bytes.saturating_add(w) <= self.limit {
+            self.bytes += w;
+            self.full.push(v);
+        } else {
+            keep_spare(&mut self.spare, v);
+        }
+    }
+
+    /// A pooled record that passes `usable` (the others are freed).
+    fn get(&mut self, weigh: impl Fn(&T) -> usize, usable: impl Fn(&T) -> bool) -> Option<T> {
+        loop {
+            let v = self.full.last_mut()?;
+            match v.pop() {
+                Some(t) => {
+                    self.bytes = self.bytes.saturating_sub(weigh(&t));
+                    if usable(&t) {
+                        return Some(t);
+                    }
+                }
+                None => {
+                    if let Some(v) = self.full.pop() {
+                        keep_spare(&mut self.spare, v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frees pooled records beyond `keep`.
+    fn trim(&mut self, keep: usize, weigh: impl Fn(&T) -> usize) {
+        let mut count: usize = self.full.iter().map(Vec::len).sum();
+        while count > keep {
+            let Some(v) = self.full.pop() else { break };
+            count -= v.len();
+            self.bytes = self.bytes.saturating_sub(v.iter().map(&weigh).sum());
+            keep_spare(&mut self.spare, v);
+        }
+        self.full.shrink_to_fit();
     }
 }
 

@@ -124,6 +124,20 @@ impl Payload {
     }
 }
 
+impl Payload {
+    /// Puts the value in `slot`, reusing its allocation when nothing else
+    /// holds it.
+    pub(crate) fn store(self, slot: &mut Arc<Value>) {
+        match self.0 {
+            PayloadInner::Owned(v) => match Arc::get_mut(slot) {
+                Some(place) => *place = v,
+                None => *slot = Arc::new(v),
+            },
+            PayloadInner::Shared(v) => *slot = v,
+        }
+    }
+}
+
 impl From<Value> for Payload {
     fn from(v: Value) -> Payload {
         Payload(PayloadInner::Owned(v))
