@@ -182,7 +182,7 @@ pub(crate) enum CtlMsg {
 }
 
 enum OutMsg {
-    Batch(Arc<Batch>),
+    Batches(Vec<Arc<Batch>>),
     Barrier(Arc<Completion>),
     Stop(Arc<Completion>),
 }
@@ -416,8 +416,12 @@ impl EngineBuilder {
                     stats: FxMap::default(),
                     // Microseconds since the epoch: ids stay unique across restarts.
                     next_batch_id: (now_ns() / 1000).max(1) as u64,
-                    sink_tx: has_sinks.then_some(sink_tx),
-                    disp_tx,
+                    out: Outbox {
+                        sink_tx: has_sinks.then_some(sink_tx),
+                        disp_tx,
+                        to_sink: Vec::new(),
+                        to_dispatch: Vec::new(),
+                    },
                     summarizers,
                     key_buf: String::new(),
                     spent: spent_rx,
@@ -688,8 +692,7 @@ struct EngineState {
     heap: BinaryHeap<Due>,
     stats: FxMap<Arc<str>, PrefixStats>,
     next_batch_id: u64,
-    sink_tx: Option<Sender<OutMsg>>,
-    disp_tx: Sender<OutMsg>,
+    out: Outbox,
     summarizers: HashMap<String, Arc<dyn Summarizer>>,
     key_buf: String,
     /// Delivered batches' records, handed back to be freed here (see `retire`).
@@ -744,6 +747,7 @@ impl EngineState {
                 self.last_resync = Instant::now();
                 resync_clock();
             }
+            self.out.send();
             self.sleep(got);
         }
     }
@@ -959,8 +963,7 @@ impl EngineState {
         let mut ctx = Ctx {
             shared: &self.shared,
             next_batch_id: &mut self.next_batch_id,
-            sink_tx: self.sink_tx.as_ref(),
-            disp_tx: &self.disp_tx,
+            out: &mut self.out,
             summarizers: &self.summarizers,
             stats: &mut self.stats,
             recycler: &mut self.recycler,
@@ -1049,8 +1052,7 @@ impl EngineState {
             Ctx {
                 shared: &self.shared,
                 next_batch_id: &mut self.next_batch_id,
-                sink_tx: self.sink_tx.as_ref(),
-                disp_tx: &self.disp_tx,
+                out: &mut self.out,
                 summarizers: &self.summarizers,
                 stats: &mut self.stats,
                 recycler: &mut self.recycler,
@@ -1101,7 +1103,8 @@ impl EngineState {
     }
 
     fn barrier(&mut self, c: Arc<Completion>) {
-        match &self.sink_tx {
+        self.out.send();
+        match &self.out.sink_tx {
             Some(tx) => {
                 if tx.send(OutMsg::Barrier(c.clone())).is_err() {
                     c.done();
@@ -1109,7 +1112,7 @@ impl EngineState {
             }
             None => c.done(),
         }
-        if self.disp_tx.send(OutMsg::Barrier(c.clone())).is_err() {
+        if self.out.disp_tx.send(OutMsg::Barrier(c.clone())).is_err() {
             c.done();
         }
         let sent = self
@@ -1136,7 +1139,8 @@ impl EngineState {
             .final_stats
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(self.snapshot());
-        match &self.sink_tx {
+        self.out.send();
+        match &self.out.sink_tx {
             Some(tx) => {
                 if tx.send(OutMsg::Stop(c.clone())).is_err() {
                     c.done();
@@ -1144,7 +1148,7 @@ impl EngineState {
             }
             None => c.done(),
         }
-        if self.disp_tx.send(OutMsg::Stop(c.clone())).is_err() {
+        if self.out.disp_tx.send(OutMsg::Stop(c.clone())).is_err() {
             c.done();
         }
         let sent = self
@@ -1297,11 +1301,39 @@ fn stat_mut<'a>(stats: &'a mut FxMap<Arc<str>, PrefixStats>, prefix: &str) -> &'
     stats.get_mut(prefix).expect("inserted above")
 }
 
+/// Closed batches on their way to the sink and dispatch threads, sent a
+/// group at a time (at the end of each engine round, or every
+/// `OUTBOX_MAX`): one wake-up of those threads per group rather than per
+/// batch, which under a flood of small batches cost more than the batches.
+struct Outbox {
+    sink_tx: Option<Sender<OutMsg>>,
+    disp_tx: Sender<OutMsg>,
+    to_sink: Vec<Arc<Batch>>,
+    to_dispatch: Vec<Arc<Batch>>,
+}
+
+/// Batches an outbox holds at most before it sends them.
+const OUTBOX_MAX: usize = 32;
+
+impl Outbox {
+    fn send(&mut self) {
+        if !self.to_sink.is_empty() {
+            let batches = std::mem::take(&mut self.to_sink);
+            if let Some(tx) = &self.sink_tx {
+                let _ = tx.send(OutMsg::Batches(batches));
+            }
+        }
+        if !self.to_dispatch.is_empty() {
+            let batches = std::mem::take(&mut self.to_dispatch);
+            let _ = self.disp_tx.send(OutMsg::Batches(batches));
+        }
+    }
+}
+
 struct Ctx<'a> {
     shared: &'a Arc<Shared>,
     next_batch_id: &'a mut u64,
-    sink_tx: Option<&'a Sender<OutMsg>>,
-    disp_tx: &'a Sender<OutMsg>,
+    out: &'a mut Outbox,
     summarizers: &'a HashMap<String, Arc<dyn Summarizer>>,
     stats: &'a mut FxMap<Arc<str>, PrefixStats>,
     /// Takes the records of batches that no sink or subscriber takes.
@@ -1359,7 +1391,7 @@ impl Ctx<'_> {
         }
         stat_mut(self.stats, &acc.prefix).batches += 1;
         let passthrough = policy.passthrough;
-        let to_sinks = batch.persist && self.sink_tx.is_some();
+        let to_sinks = batch.persist && self.out.sink_tx.is_some();
         let to_subscribers = !passthrough && batch.kind != RecordKind::Log;
         if !to_sinks && !to_subscribers {
             // Nobody takes it: its records are reused at once.
@@ -1370,12 +1402,13 @@ impl Ctx<'_> {
         }
         let batch = Arc::new(batch);
         if to_sinks {
-            if let Some(tx) = self.sink_tx {
-                let _ = tx.send(OutMsg::Batch(batch.clone()));
-            }
+            self.out.to_sink.push(batch.clone());
         }
         if to_subscribers {
-            let _ = self.disp_tx.send(OutMsg::Batch(batch));
+            self.out.to_dispatch.push(batch);
+        }
+        if self.out.to_sink.len() >= OUTBOX_MAX || self.out.to_dispatch.len() >= OUTBOX_MAX {
+            self.out.send();
         }
     }
 }
@@ -1609,17 +1642,19 @@ fn sink_loop(
             }
         }
         match msg {
-            Ok(OutMsg::Batch(b)) => {
-                for s in sinks.iter_mut() {
-                    guarded(&shared, || {
-                        s.write_batch(&b)?;
-                        if b.urgent {
-                            s.flush()?;
-                        }
-                        Ok(())
-                    });
+            Ok(OutMsg::Batches(batches)) => {
+                for b in batches {
+                    for s in sinks.iter_mut() {
+                        guarded(&shared, || {
+                            s.write_batch(&b)?;
+                            if b.urgent {
+                                s.flush()?;
+                            }
+                            Ok(())
+                        });
+                    }
+                    retire(&shared, b, &spent);
                 }
-                retire(&shared, b, &spent);
             }
             Ok(OutMsg::Barrier(c)) => {
                 for s in sinks.iter_mut() {
@@ -1644,9 +1679,11 @@ fn sink_loop(
 fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>, spent: Sender<Records>) {
     for msg in rx {
         match msg {
-            OutMsg::Batch(b) => {
-                crate::layer::bus::dispatch_batch(&shared, &b);
-                retire(&shared, b, &spent);
+            OutMsg::Batches(batches) => {
+                for b in batches {
+                    crate::layer::bus::dispatch_batch(&shared, &b);
+                    retire(&shared, b, &spent);
+                }
             }
             OutMsg::Barrier(c) => c.done(),
             OutMsg::Stop(c) => {

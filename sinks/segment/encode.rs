@@ -47,14 +47,38 @@ use crate::layer::record::{rfc3339, Batch, BusEvent, FieldValue, LogRecord, Reco
 /// # Ok::<(), spillway::Error>(())
 /// ```
 pub fn encode_batch(batch: &Batch, out: &mut Vec<u8>) {
-    let mut ctx = Ctx {
-        batch: batch.id,
-        prefix: &batch.prefix,
-        kinds: Vec::new(),
-        loc_key: None,
-        loc: Vec::new(),
-    };
-    let mut ts = TsText::default();
+    Encoder::default().encode(batch, out)
+}
+
+/// Encodes batch after batch, keeping what can be reused between them
+/// (the timestamp text of the current second, buffers): the segment writer
+/// holds one.
+#[derive(Default)]
+pub(crate) struct Encoder {
+    ts: TsText,
+    kinds: Vec<(&'static str, Vec<u8>)>,
+    loc: Vec<u8>,
+}
+
+impl Encoder {
+    /// Appends the JSON Lines of `batch` to `out`, as [`encode_batch`] does.
+    pub(crate) fn encode(&mut self, batch: &Batch, out: &mut Vec<u8>) {
+        for (k, text) in self.kinds.iter_mut() {
+            *k = "";
+            text.clear();
+        }
+        let mut ctx = Ctx {
+            batch: batch.id,
+            prefix: &batch.prefix,
+            kinds: &mut self.kinds,
+            loc_key: None,
+            loc: &mut self.loc,
+        };
+        encode_records(&mut ctx, &mut self.ts, batch, out);
+    }
+}
+
+fn encode_records(ctx: &mut Ctx<'_>, ts: &mut TsText, batch: &Batch, out: &mut Vec<u8>) {
     if let Some(notice) = batch.drop_notice() {
         ctx.log_line(out, ts.format(notice.ts_ns), &notice);
     }
@@ -115,13 +139,13 @@ struct Ctx<'a> {
     batch: u64,
     prefix: &'a str,
     /// `,"kind":"…","batch":N,"prefix":"…"` per kind of line.
-    kinds: Vec<(&'static str, Vec<u8>)>,
+    kinds: &'a mut Vec<(&'static str, Vec<u8>)>,
     /// The last log record's target, level and location (string addresses
     /// and lengths: within one batch every record is alive, so equal
     /// addresses mean equal text), and their encoding in `loc`. Records of
     /// a batch mostly come from a few call sites.
     loc_key: Option<LocKey>,
-    loc: Vec<u8>,
+    loc: &'a mut Vec<u8>,
 }
 
 type LocKey = (
@@ -255,15 +279,22 @@ impl Ctx<'_> {
         j.raw("\",\"ts_ns\":");
         j.i64(ts_ns);
         if !self.kinds.iter().any(|(k, _)| *k == kind) {
-            let mut text = Vec::new();
-            let mut t = Json(&mut text);
+            let slot = match self.kinds.iter().position(|(k, _)| k.is_empty()) {
+                Some(i) => i,
+                None => {
+                    self.kinds.push(("", Vec::new()));
+                    self.kinds.len() - 1
+                }
+            };
+            let (k, text) = &mut self.kinds[slot];
+            *k = kind;
+            let mut t = Json(text);
             t.raw(",\"kind\":");
             t.str(kind);
             t.raw(",\"batch\":");
             t.u64(self.batch);
             t.raw(",\"prefix\":");
             t.str(self.prefix);
-            self.kinds.push((kind, text));
         }
         if let Some((_, text)) = self.kinds.iter().find(|(k, _)| *k == kind) {
             out.extend_from_slice(text);
@@ -283,7 +314,7 @@ impl Ctx<'_> {
         );
         if self.loc_key != Some(key) {
             self.loc.clear();
-            let mut j = Json(&mut self.loc);
+            let mut j = Json(self.loc);
             j.raw(",\"target\":");
             j.str(&r.target);
             j.raw(",\"level\":");
@@ -299,7 +330,7 @@ impl Ctx<'_> {
             }
             self.loc_key = Some(key);
         }
-        out.extend_from_slice(&self.loc);
+        out.extend_from_slice(self.loc);
         let mut j = Json(out);
         j.raw(",\"message\":");
         j.str(&r.message);

@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::layer::engine::Sink;
 use crate::layer::record::{now_ns, Batch};
 use crate::sinks::segment::config::{Durability, SegmentConfig};
-use crate::sinks::segment::encode::encode_batch;
+use crate::sinks::segment::encode::Encoder;
 use crate::sinks::segment::reader::{Damage, FrameReader};
 use crate::sinks::segment::{
     create_dir_private, list_segments, list_stream, segment_file_name, segment_seq, Stream,
@@ -55,6 +55,7 @@ pub struct SegmentSink {
     data_dir: PathBuf,
     config: SegmentConfig,
     streams: [StreamWriter; 3],
+    encoder: Encoder,
     zstd: Compression,
     next_seq: u32,
     last_retention: Instant,
@@ -152,6 +153,7 @@ impl SegmentSink {
             data_dir,
             config,
             streams,
+            encoder: Encoder::default(),
             zstd,
             next_seq: 0,
             last_retention: Instant::now(),
@@ -458,7 +460,7 @@ impl Sink for SegmentSink {
             .position(|s| *s == Stream::of(batch.kind))
             .unwrap_or(0);
         let w = &mut self.streams[i];
-        encode_batch(batch, &mut w.pending);
+        self.encoder.encode(batch, &mut w.pending);
         w.pending_since.get_or_insert_with(Instant::now);
         let result = self.emit(i, false);
         result.and(self.poll())
