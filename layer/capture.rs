@@ -115,6 +115,7 @@ impl Arena {
     ) {
         let src = self.fields.get(range(r)).unwrap_or(&[]);
         dst.truncate(src.len());
+        dst.reserve_exact(src.len() - dst.len());
         for (i, &(name, v)) in src.iter().enumerate() {
             if let (Val::Str(a, b), Some((n, FieldValue::Str(s)))) = (v, dst.get_mut(i)) {
                 *n = Cow::Borrowed(name);

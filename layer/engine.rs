@@ -17,6 +17,7 @@
 //! assert_eq!(engine.stats().prefixes["data:users"].accepted, 1);
 //! ```
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -988,12 +989,12 @@ impl EngineState {
         acc.bytes += size;
         match entry {
             Entry::Event { payload, .. } => {
-                reuse(&mut acc.events, &mut ctx.recycler.events.spare);
+                reuse(&mut acc.events, &mut ctx.recycler.events.spare, max_count);
                 let ev = ctx.recycler.event(name, payload, ts);
                 acc.events.push(ev)
             }
             Entry::Log { rec, .. } => {
-                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare);
+                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare, max_count);
                 acc.logs.push(*rec)
             }
             Entry::Captured {
@@ -1002,7 +1003,7 @@ impl EngineState {
                 location,
                 ..
             } => {
-                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare);
+                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare, max_count);
                 let rec = ctx
                     .recycler
                     .log_record(meta, ts, &chunk.arena, &parts, location);
@@ -1432,6 +1433,14 @@ struct Recycler {
     logs: Pool<LogRecord>,
 }
 
+/// What a pooled log record weighs, roughly (cheap: no walk over its fields).
+fn log_weight(r: &LogRecord) -> usize {
+    std::mem::size_of::<LogRecord>()
+        + r.message.capacity()
+        + r.fields.capacity() * (std::mem::size_of::<(Cow<'static, str>, FieldValue)>() + 16)
+        + r.spans.capacity() * 8
+}
+
 /// What a pooled event weighs (its payload is emptied when it is pooled).
 fn event_weight(e: &BusEvent) -> usize {
     e.name.capacity() + 64
@@ -1464,7 +1473,7 @@ impl Recycler {
                 }
                 self.events.put(v, event_weight)
             }
-            Records::Logs(v) => self.logs.put(v, estimate_log),
+            Records::Logs(v) => self.logs.put(v, log_weight),
         }
     }
 
@@ -1495,7 +1504,7 @@ impl Recycler {
         parts: &crate::layer::capture::Parts,
         location: bool,
     ) -> LogRecord {
-        match self.logs.get(estimate_log, poolable) {
+        match self.logs.get(log_weight, poolable) {
             Some(mut rec) => {
                 fill_record(&mut rec, meta, ts, arena, parts, location);
                 rec
@@ -1507,7 +1516,7 @@ impl Recycler {
     /// Shrinks the pools to what an idle engine keeps.
     fn trim(&mut self) {
         self.events.trim(POOL_IDLE, event_weight);
-        self.logs.trim(POOL_IDLE, estimate_log);
+        self.logs.trim(POOL_IDLE, log_weight);
     }
 }
 
@@ -1598,10 +1607,13 @@ fn keep_spare<T>(spares: &mut Vec<Vec<T>>, mut v: Vec<T>) {
 }
 
 /// Gives `v` a spare vector's capacity when it has none.
-fn reuse<T>(v: &mut Vec<T>, spares: &mut Vec<Vec<T>>) {
+/// Without one, reserves room for `expect` records at once (up to 256),
+/// rather than growing step by step.
+fn reuse<T>(v: &mut Vec<T>, spares: &mut Vec<Vec<T>>, expect: usize) {
     if v.capacity() == 0 {
-        if let Some(spare) = spares.pop() {
-            *v = spare;
+        match spares.pop() {
+            Some(spare) => *v = spare,
+            None => v.reserve_exact(expect.clamp(1, 256)),
         }
     }
 }
