@@ -35,12 +35,17 @@
 //! # Ok::<(), spillway::Error>(())
 //! ```
 //!
-//! The capture is built for the caller's cost: no JSON and no I/O on the
-//! caller's thread, field names borrowed (`&'static str`), one allocation for
-//! the message and one for the field list, and span fields captured once per
-//! span (and once per `span.record`) rather than once per event: each event
-//! only clones the `Arc`s of its enclosing spans. `spillway bench --only logs`
-//! measures it against tracing-subscriber's JSON fmt layer.
+//! The capture is built for the caller's cost: no JSON, no I/O and no
+//! allocation per event on the caller's thread. The message and fields are
+//! visited into the thread's reusable buffers and copied into its current
+//! chunk (whose buffers are recycled too); the engine thread builds the
+//! [`LogRecord`], reusing delivered ones. Field names are borrowed
+//! (`&'static str`), and span fields are captured once per span (and once
+//! per `span.record`) rather than once per event: each event only clones the
+//! `Arc`s of its enclosing spans. Records from the `log` crate, whose
+//! metadata is not `'static`, are built on the caller's thread.
+//! `spillway bench --only logs` measures it against tracing-subscriber's
+//! JSON fmt layer.
 //!
 //! Field values are formatted with no lock held, so a `Debug` impl that logs
 //! cannot deadlock the layer: a `tracing` event it emits is dropped by
