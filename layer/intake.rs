@@ -468,13 +468,7 @@ impl Shared {
         route.share.fetch_add(size, Ordering::Relaxed);
         if !self.budget.try_acquire(size, urgent) {
             route.share.fetch_sub(size, Ordering::Relaxed);
-            let key = rec.key();
-            self.count_drop(
-                prefix_of(&key, self.prefix_depth_of(route.policy)),
-                route.policy,
-                RecordKind::Log,
-                rec.ts_ns,
-            );
+            self.count_log_drop(&rec.target, route.policy, rec.ts_ns);
             return Ok(());
         }
         let entry = Entry::Log {
@@ -494,43 +488,61 @@ impl Shared {
     }
 
     fn push_log(&self, local: &mut Local, rec: Box<LogRecord>, urgent: bool) -> Result<()> {
+        let target = rec.target.clone();
+        let (ts_ns, size) = (rec.ts_ns, estimate_log(&rec));
+        self.push_log_entry(local, &target, ts_ns, size, urgent, |_, policy, flags| {
+            Entry::Log {
+                rec,
+                policy,
+                size: size as u32,
+                flags,
+            }
+        })
+    }
+
+    /// The fast path of log records and captured events: the route of
+    /// `target`, budget for `size` bytes, and the entry `make` builds in the
+    /// slot (given the policy and flags).
+    fn push_log_entry(
+        &self,
+        local: &mut Local,
+        target: &str,
+        ts_ns: i64,
+        size: usize,
+        urgent: bool,
+        make: impl FnOnce(&mut SlotInner, u16, u8) -> Entry,
+    ) -> Result<()> {
         let Local {
             log_routes,
             credit,
             slot,
             ..
         } = local;
-        let route = match log_routes.index.get(&*rec.target) {
+        let route = match log_routes.index.get(target) {
             Some(&i) => &mut log_routes.list[i],
-            None => log_routes.insert(self.route(&rec.key(), &rec.target)),
+            None => log_routes.insert(self.route(&format!("log:{target}"), target)),
         };
-        let size = estimate_log(&rec);
         let mut flags = if urgent { F_URGENT } else { 0 };
         match self.admit(credit, size, route, urgent) {
             Some(extra) => flags |= extra,
             None => {
-                let key = rec.key();
-                self.count_drop(
-                    prefix_of(&key, self.prefix_depth_of(route.policy)),
-                    route.policy,
-                    RecordKind::Log,
-                    rec.ts_ns,
-                );
+                self.count_log_drop(target, route.policy, ts_ns);
                 return Ok(());
             }
         }
         let policy = route.policy;
-        let pushed = self.push_entry(slot, |_| Entry::Log {
-            rec,
-            policy,
-            size: size as u32,
-            flags,
-        });
-        if !pushed {
+        if !self.push_entry(slot, |inner| make(inner, policy, flags)) {
             self.give_back(&route.share, size);
             return Err(Error::ShutDown);
         }
         Ok(())
+    }
+
+    /// Counts a log record of `target` refused for lack of memory.
+    fn count_log_drop(&self, target: &str, policy: u16, ts_ns: i64) {
+        let key = format!("log:{target}");
+        let prefix = prefix_of(&key, self.prefix_depth_of(policy));
+        self.count_drop(prefix, policy, RecordKind::Log, ts_ns);
     }
 
     /// Accepts a tracing event captured into `arena` (at `parts`): copied
@@ -545,9 +557,28 @@ impl Shared {
         location: bool,
         urgent: bool,
     ) -> Result<()> {
+        let size = arena.estimate(parts);
         self.submit(
             arena,
-            |local, arena| self.push_captured(local, meta, ts_ns, arena, parts, location, urgent),
+            |local, arena| {
+                let target = meta.target();
+                self.push_log_entry(
+                    local,
+                    target,
+                    ts_ns,
+                    size,
+                    urgent,
+                    |inner, policy, flags| Entry::Captured {
+                        meta,
+                        ts_ns,
+                        parts: inner.cur.arena.append(arena, parts),
+                        location,
+                        policy,
+                        size: size as u32,
+                        flags,
+                    },
+                )
+            },
             |arena| {
                 let rec = crate::layer::tracing_layer::captured_record(
                     meta, ts_ns, arena, parts, location,
@@ -555,60 +586,6 @@ impl Shared {
                 self.submit_log_slow(Box::new(rec), urgent)
             },
         )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn push_captured(
-        &self,
-        local: &mut Local,
-        meta: &'static Metadata<'static>,
-        ts_ns: i64,
-        arena: &mut Arena,
-        parts: &Parts,
-        location: bool,
-        urgent: bool,
-    ) -> Result<()> {
-        let Local {
-            log_routes,
-            credit,
-            slot,
-            ..
-        } = local;
-        let target = meta.target();
-        let route = match log_routes.index.get(target) {
-            Some(&i) => &mut log_routes.list[i],
-            None => log_routes.insert(self.route(&format!("log:{target}"), target)),
-        };
-        let size = arena.estimate(parts);
-        let mut flags = if urgent { F_URGENT } else { 0 };
-        match self.admit(credit, size, route, urgent) {
-            Some(extra) => flags |= extra,
-            None => {
-                let key = format!("log:{target}");
-                self.count_drop(
-                    prefix_of(&key, self.prefix_depth_of(route.policy)),
-                    route.policy,
-                    RecordKind::Log,
-                    ts_ns,
-                );
-                return Ok(());
-            }
-        }
-        let policy = route.policy;
-        let pushed = self.push_entry(slot, |inner| Entry::Captured {
-            meta,
-            ts_ns,
-            parts: inner.cur.arena.append(arena, parts),
-            location,
-            policy,
-            size: size as u32,
-            flags,
-        });
-        if !pushed {
-            self.give_back(&route.share, size);
-            return Err(Error::ShutDown);
-        }
-        Ok(())
     }
 
     /// Takes budget for `size` bytes. `None` means the record is dropped;
