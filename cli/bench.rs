@@ -283,11 +283,11 @@ fn bus_flood(quick: bool, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         "(peer/spillway)",
     ));
     rows.push(row(
-        "events lost under the flood",
+        "events dropped under the flood (spillway: counted; peer: lagged)",
         s.lost.to_string(),
         p.lost.to_string(),
         f64::NAN,
-        "0",
+        "none silently",
     ));
     rows.push(row(
         "health-check latency p99 under the flood, us",
