@@ -657,7 +657,10 @@ struct Acc {
     policy: u16,
     kind: RecordKind,
     events: Vec<BusEvent>,
+    /// The batch's log records: the first `live_logs`; any after them are
+    /// delivered records waiting to be overwritten in place (see `Recycler`).
     logs: Vec<LogRecord>,
+    live_logs: usize,
     bytes: usize,
     first_ts: i64,
     last_ts: i64,
@@ -674,7 +677,7 @@ struct Acc {
 
 impl Acc {
     fn len(&self) -> usize {
-        self.events.len() + self.logs.len()
+        self.events.len() + self.live_logs
     }
 }
 
@@ -932,11 +935,12 @@ impl EngineState {
             let mut n = 0;
             match kind {
                 RecordKind::Log => {
-                    while freed < size && n < acc.logs.len() {
+                    while freed < size && n < acc.live_logs {
                         freed += estimate_log(&acc.logs[n]);
                         n += 1;
                     }
                     acc.logs.drain(..n);
+                    acc.live_logs -= n;
                 }
                 _ => {
                     while freed < size && n < acc.events.len() {
@@ -994,8 +998,12 @@ impl EngineState {
                 acc.events.push(ev)
             }
             Entry::Log { rec, .. } => {
-                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare, max_count);
-                acc.logs.push(*rec)
+                ctx.recycler.log_vec(&mut acc.logs, max_count);
+                match acc.logs.get_mut(acc.live_logs) {
+                    Some(stale) => *stale = *rec,
+                    None => acc.logs.push(*rec),
+                }
+                acc.live_logs += 1;
             }
             Entry::Captured {
                 meta,
@@ -1003,15 +1011,23 @@ impl EngineState {
                 location,
                 ..
             } => {
-                reuse(&mut acc.logs, &mut ctx.recycler.logs.spare, max_count);
-                ctx.recycler.push_log_record(
-                    &mut acc.logs,
-                    meta,
-                    ts,
-                    &chunk.arena,
-                    &parts,
-                    location,
-                );
+                ctx.recycler.log_vec(&mut acc.logs, max_count);
+                let arena = &chunk.arena;
+                match acc.logs.get_mut(acc.live_logs) {
+                    Some(stale) if poolable(stale) => {
+                        fill_record(stale, meta, ts, arena, &parts, location)
+                    }
+                    Some(stale) => *stale = captured_record(meta, ts, arena, &parts, location),
+                    None => ctx.recycler.push_log_record(
+                        &mut acc.logs,
+                        meta,
+                        ts,
+                        arena,
+                        &parts,
+                        location,
+                    ),
+                }
+                acc.live_logs += 1;
             }
         }
         let len = acc.len();
@@ -1286,6 +1302,7 @@ fn acc_index(
         kind,
         events: Vec::new(),
         logs: Vec::new(),
+        live_logs: 0,
         bytes: 0,
         first_ts: 0,
         last_ts: 0,
@@ -1358,7 +1375,11 @@ impl Ctx<'_> {
         }
         let policy = self.shared.config.policy_at(acc.policy as usize);
         let records = match acc.kind {
-            RecordKind::Log => Records::Logs(std::mem::take(&mut acc.logs)),
+            RecordKind::Log => {
+                // Records past the live ones were never overwritten: freed here.
+                acc.logs.truncate(std::mem::take(&mut acc.live_logs));
+                Records::Logs(std::mem::take(&mut acc.logs))
+            }
             _ => Records::Events(std::mem::take(&mut acc.events)),
         };
         let id = *self.next_batch_id;
@@ -1499,6 +1520,24 @@ impl Recycler {
         }
     }
 
+    /// Gives an accumulator without a vector one: a whole pooled batch, whose
+    /// records are overwritten where they stand (moving pooled records, cold
+    /// in this core's cache, was a third of the engine's time), else an
+    /// empty spare, else room for `expect` records.
+    fn log_vec(&mut self, v: &mut Vec<LogRecord>, expect: usize) {
+        if v.capacity() != 0 {
+            return;
+        }
+        match self.logs.full.pop() {
+            Some(full) => {
+                let w: usize = full.iter().map(log_weight).sum();
+                self.logs.bytes = self.logs.bytes.saturating_sub(w);
+                *v = full;
+            }
+            None => reuse(v, &mut self.logs.spare, expect),
+        }
+    }
+
     /// Appends to `logs` the record of a captured event: a pooled record
     /// overwritten where it lands (a record is 168 bytes, and moving pooled
     /// ones, cold in this core's cache, was a third of the engine's time).
@@ -1628,18 +1667,16 @@ fn reuse<T>(v: &mut Vec<T>, spares: &mut Vec<Vec<T>>, expect: usize) {
 }
 
 /// Hands a delivered batch's records back to the engine thread, which
-/// allocated their names and payload `Arc`s, to be freed there: the system
+/// built them, to be reused or freed there (see `Recycler`): the system
 /// allocator (glibc) is cheap when a thread frees what it allocated, and
 /// slow when one thread only allocates while others free. The batch's
-/// budget is released here, at once. When the engine is idle, or another
-/// thread still holds the batch, it is simply dropped.
-fn retire(shared: &Shared, batch: Arc<Batch>, spent: &Sender<Records>) {
+/// budget is released here, at once. The engine takes them at the start of
+/// its next round (within a second, or at once when records arrive). A
+/// batch another thread still holds is simply dropped.
+fn retire(batch: Arc<Batch>, spent: &Sender<Records>) {
     let Ok(mut batch) = Arc::try_unwrap(batch) else {
         return;
     };
-    if shared.idle.load(Ordering::Relaxed) {
-        return;
-    }
     let records = std::mem::replace(&mut batch.records, Records::Events(Vec::new()));
     drop(batch);
     let _ = spent.send(records);
@@ -1674,7 +1711,7 @@ fn sink_loop(
                             Ok(())
                         });
                     }
-                    retire(&shared, b, &spent);
+                    retire(b, &spent);
                 }
             }
             Ok(OutMsg::Barrier(c)) => {
@@ -1703,7 +1740,7 @@ fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>, spent: Sender<Record
             OutMsg::Batches(batches) => {
                 for b in batches {
                     crate::layer::bus::dispatch_batch(&shared, &b);
-                    retire(&shared, b, &spent);
+                    retire(b, &spent);
                 }
             }
             OutMsg::Barrier(c) => c.done(),

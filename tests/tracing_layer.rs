@@ -464,6 +464,105 @@ fn captured_events_keep_their_own_text_across_threads_and_chunks() {
     }
 }
 
+// Catches a batch that starts in a reused vector carrying records that are
+// not its own: the engine overwrites delivered records where they stand, so a
+// batch of 3 that starts in a delivered batch of 10 must hand on exactly its
+// 3 records, with their own text.
+#[test]
+fn a_batch_started_in_a_reused_vector_carries_only_its_own_records() {
+    let cfg = BatchConfig::builder()
+        .policy(
+            "log:reuse::warm",
+            Policy::batch(Duration::from_secs(3600), 10),
+        )
+        .build()
+        .unwrap();
+    let (engine, _guard, seen) = engine_with(cfg);
+    let subscriber = tracing_subscriber::registry().with(SpillwayLayer::new(&engine));
+    tracing::subscriber::with_default(subscriber, || {
+        for i in 0..100_u64 {
+            tracing::info!(target: "reuse::warm", i, extra = "x", "warm {i}");
+        }
+        engine.flush().unwrap();
+        for i in 0..3_u64 {
+            tracing::info!(target: "reuse::cold", i, "cold {i}");
+        }
+        engine.flush().unwrap();
+    });
+    let cold: Vec<LogRecord> = records(&seen)
+        .into_iter()
+        .filter(|r| r.target == "reuse::cold" || r.message.starts_with("cold"))
+        .collect();
+    let messages: Vec<&str> = cold.iter().map(|r| r.message.as_str()).collect();
+    assert_eq!(messages, ["cold 0", "cold 1", "cold 2"]);
+    for (i, r) in cold.iter().enumerate() {
+        assert_eq!(
+            r.fields,
+            vec![(Cow::Borrowed("i"), FieldValue::U64(i as u64))]
+        );
+        assert_eq!(r.target, "reuse::cold");
+    }
+    assert_eq!(records(&seen).len(), 103);
+}
+
+// Catches drop_oldest on log records keeping the old ones, breaking their
+// order, mixing their text, or losing count, over two floods (the second
+// runs on records the engine reuses from the first).
+#[test]
+fn drop_oldest_logs_keep_the_newest_in_order_and_count_the_rest() {
+    let cfg = BatchConfig::builder()
+        .memory_budget(64 << 10)
+        .policy(
+            "log:*",
+            Policy::batch(Duration::from_secs(3600), 1_000_000)
+                .on_full(spillway::OnFull::DropOldest)
+                .block_timeout(Duration::from_secs(10)),
+        )
+        .build()
+        .unwrap();
+    let (engine, _guard, seen) = engine_with(cfg);
+    let subscriber = tracing_subscriber::registry().with(SpillwayLayer::new(&engine));
+    tracing::subscriber::with_default(subscriber, || {
+        for round in 0..2_u64 {
+            for i in 0..3000_u64 {
+                let pad = "p".repeat((i % 50) as usize);
+                tracing::info!(target: "evict::mod", round, i, pad = pad.as_str(), "event {round}/{i}");
+            }
+            engine.flush().unwrap();
+        }
+    });
+    let stats = engine.stats();
+    let dropped = stats.prefixes["log:evict::mod"].dropped;
+    assert!(dropped > 0, "a 64 KiB budget cannot hold 3000 records");
+    let all = records(&seen);
+    assert_eq!(
+        all.len() as u64 + dropped,
+        6000,
+        "every record kept or counted"
+    );
+    let mut last = None;
+    for r in &all {
+        let (Some(FieldValue::U64(round)), Some(FieldValue::U64(i))) = (
+            field(&r.fields, "round").cloned(),
+            field(&r.fields, "i").cloned(),
+        ) else {
+            panic!("fields missing in {r:?}")
+        };
+        assert_eq!(
+            r.message,
+            format!("event {round}/{i}"),
+            "stale or mixed record"
+        );
+        assert_eq!(
+            field(&r.fields, "pad"),
+            Some(&FieldValue::Str("p".repeat((i % 50) as usize)))
+        );
+        assert!(last < Some((round, i)), "order broken at {round}/{i}");
+        last = Some((round, i));
+    }
+    assert_eq!(last, Some((1, 2999)), "the newest record survives");
+}
+
 // Catches a log policy not applying to its module's records (or applying to
 // another module's): `log:a::*` closes at 3 records, other logs use the default.
 #[test]
