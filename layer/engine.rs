@@ -7,7 +7,10 @@
 //! more threads: the sink thread (segments, SQLite) and the dispatch thread
 //! (batch-aware subscribers and the inner bus). Passthrough events have a
 //! fourth thread to themselves, so a flood elsewhere never delays them.
-//! No lock is held while user code runs, and no async runtime is needed.
+//! Closed batches travel a group per engine round, and once delivered their
+//! records come back to the engine thread, which reuses them for new batches
+//! (see `Recycler`). No lock is held while user code runs, and no async
+//! runtime is needed.
 //!
 //! ```
 //! use spillway::{BatchConfig, Engine};
