@@ -1531,19 +1531,14 @@ impl Recycler {
         if v.capacity() != 0 {
             return;
         }
-        match self.logs.full.pop() {
-            Some(full) => {
-                let w: usize = full.iter().map(log_weight).sum();
-                self.logs.bytes = self.logs.bytes.saturating_sub(w);
-                *v = full;
-            }
+        match self.logs.take_whole() {
+            Some(full) => *v = full,
             None => reuse(v, &mut self.logs.spare, expect),
         }
     }
 
-    /// Appends to `logs` the record of a captured event: a pooled record
-    /// overwritten where it lands (a record is 168 bytes, and moving pooled
-    /// ones, cold in this core's cache, was a third of the engine's time).
+    /// Appends to `logs` the record of a captured event: a pooled record,
+    /// overwritten where it lands, if there is one.
     fn push_log_record(
         &mut self,
         logs: &mut Vec<LogRecord>,
@@ -1566,15 +1561,16 @@ impl Recycler {
 
     /// Shrinks the pools to what an idle engine keeps.
     fn trim(&mut self) {
-        self.events.trim(POOL_IDLE, event_weight);
-        self.logs.trim(POOL_IDLE, log_weight);
+        self.events.trim(POOL_IDLE);
+        self.logs.trim(POOL_IDLE);
     }
 }
 
 /// Records kept whole, in the vectors their batches came back in, and empty
 /// vectors for new batches.
 struct Pool<T> {
-    full: Vec<Vec<T>>,
+    /// Whole batches, each with what its records weigh.
+    full: Vec<(Vec<T>, usize)>,
     spare: Vec<Vec<T>>,
     /// What the pooled records weigh, and the most they may.
     bytes: usize,
@@ -1598,7 +1594,7 @@ impl<T> Pool<T> {
         let w: usize = v.iter().map(weigh).sum();
         if !v.is_empty() && self.bytes.saturating_add(w) <= self.limit {
             self.bytes += w;
-            self.full.push(v);
+            self.full.push((v, w));
         } else {
             keep_spare(&mut self.spare, v);
         }
@@ -1607,16 +1603,18 @@ impl<T> Pool<T> {
     /// A pooled record that passes `usable` (the others are freed).
     fn get(&mut self, weigh: impl Fn(&T) -> usize, usable: impl Fn(&T) -> bool) -> Option<T> {
         loop {
-            let v = self.full.last_mut()?;
+            let (v, vw) = self.full.last_mut()?;
             match v.pop() {
                 Some(t) => {
-                    self.bytes = self.bytes.saturating_sub(weigh(&t));
+                    let w = weigh(&t);
+                    *vw = vw.saturating_sub(w);
+                    self.bytes = self.bytes.saturating_sub(w);
                     if usable(&t) {
                         return Some(t);
                     }
                 }
                 None => {
-                    if let Some(v) = self.full.pop() {
+                    if let Some((v, _)) = self.full.pop() {
                         keep_spare(&mut self.spare, v);
                     }
                 }
@@ -1624,13 +1622,19 @@ impl<T> Pool<T> {
         }
     }
 
+    /// A whole pooled batch, records and all.
+    fn take_whole(&mut self) -> Option<Vec<T>> {
+        let (v, w) = self.full.pop()?;
+        self.bytes = self.bytes.saturating_sub(w);
+        Some(v)
+    }
+
     /// Frees pooled records beyond `keep`.
-    fn trim(&mut self, keep: usize, weigh: impl Fn(&T) -> usize) {
-        let mut count: usize = self.full.iter().map(Vec::len).sum();
+    fn trim(&mut self, keep: usize) {
+        let mut count: usize = self.full.iter().map(|(v, _)| v.len()).sum();
         while count > keep {
-            let Some(v) = self.full.pop() else { break };
+            let Some(v) = self.take_whole() else { break };
             count -= v.len();
-            self.bytes = self.bytes.saturating_sub(v.iter().map(&weigh).sum());
             keep_spare(&mut self.spare, v);
         }
         self.full.shrink_to_fit();
@@ -1775,6 +1779,40 @@ fn passthrough_loop(shared: Arc<Shared>, rx: Receiver<PtMsg>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Catches the pool's weight accounting drifting: it must refuse a batch
+    // past its limit, count down as records are taken (one by one or whole
+    // batches), skip unusable records, and end at zero, or the pool would
+    // either grow past its share of memory or stop taking anything.
+    #[test]
+    fn pool_weighs_what_it_holds_and_keeps_to_its_limit() {
+        let weigh = |s: &String| s.len();
+        let mut pool = Pool::<String> {
+            limit: 10,
+            ..Pool::default()
+        };
+        pool.put(vec!["aaa".into(), "bb".into()], weigh);
+        pool.put(vec!["cccc".into()], weigh);
+        assert_eq!(pool.bytes, 9);
+        pool.put(vec!["dd".into()], weigh);
+        assert_eq!(
+            (pool.bytes, pool.full.len()),
+            (9, 2),
+            "over the limit: refused"
+        );
+        assert_eq!(pool.get(weigh, |_| true).as_deref(), Some("cccc"));
+        assert_eq!(pool.bytes, 5);
+        // "bb" is unusable: freed, and its weight with it.
+        assert_eq!(pool.get(weigh, |s| s != "bb").as_deref(), Some("aaa"));
+        assert_eq!(pool.bytes, 0);
+        assert!(pool.get(weigh, |_| true).is_none());
+        pool.put(vec!["ee".into(), "f".into()], weigh);
+        pool.put(vec!["gg".into()], weigh);
+        assert_eq!(pool.take_whole(), Some(vec!["gg".to_string()]));
+        assert_eq!(pool.bytes, 3);
+        pool.trim(0);
+        assert_eq!((pool.bytes, pool.full.len()), (0, 0));
+    }
 
     // Catches per-prefix stats growing without bound when names carry ids,
     // and folding that loses counts or drops live prefixes.

@@ -44,10 +44,8 @@ pub(crate) const F_URGENT: u8 = 4;
 
 /// One accepted record on its way to the engine.
 pub(crate) enum Entry {
-    /// A bus event or sample. The engine builds the subscribers' `BusEvent`
-    /// (name `String`, payload `Arc`) from it, so that the publisher
-    /// allocates nothing per event: glibc's malloc is slow for a thread that
-    /// only allocates while other threads free.
+    /// A bus event or sample; the engine builds its `BusEvent` (see the
+    /// module docs for why).
     Event {
         /// Index of the name in its chunk's `names`.
         name: u16,
