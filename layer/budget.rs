@@ -120,35 +120,62 @@ impl Budget {
 }
 
 /// Budget held by a batch (globally and by its prefix); given back when the
-/// batch is dropped.
+/// last of its holders (the sink and dispatch threads) is done with it, or
+/// when it is dropped, whichever comes first.
 pub(crate) struct Reservation {
-    budget: Option<Arc<Budget>>,
+    budget: Arc<Budget>,
     share: Arc<AtomicUsize>,
-    bytes: usize,
+    bytes: AtomicUsize,
+    holders: AtomicUsize,
 }
 
 impl Reservation {
     pub(crate) fn new(budget: &Arc<Budget>, share: &Arc<AtomicUsize>, bytes: usize) -> Reservation {
         Reservation {
-            budget: Some(budget.clone()),
+            budget: budget.clone(),
             share: share.clone(),
-            bytes,
+            bytes: AtomicUsize::new(bytes),
+            holders: AtomicUsize::new(1),
+        }
+    }
+
+    /// Sets how many threads will call [`Reservation::consumed`] (before
+    /// the batch is shared).
+    pub(crate) fn set_holders(&mut self, n: usize) {
+        *self.holders.get_mut() = n;
+    }
+
+    /// One holder is done with the batch; the last one gives the budget
+    /// back, at once, on its own thread (the batch itself may be freed
+    /// later, elsewhere).
+    pub(crate) fn consumed(&self) {
+        if self.holders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.release();
+        }
+    }
+
+    fn release(&self) {
+        let bytes = self.bytes.swap(0, Ordering::AcqRel);
+        if bytes > 0 {
+            self.share.fetch_sub(bytes, Ordering::Relaxed);
+            self.budget.release(bytes);
         }
     }
 }
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Reservation({} bytes)", self.bytes)
+        write!(
+            f,
+            "Reservation({} bytes)",
+            self.bytes.load(Ordering::Relaxed)
+        )
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some(b) = self.budget.take() {
-            self.share.fetch_sub(self.bytes, Ordering::Relaxed);
-            b.release(self.bytes);
-        }
+        self.release();
     }
 }
 
@@ -197,5 +224,26 @@ mod tests {
             !b.acquire_until(1, Instant::now(), false, || 0),
             "full again, deadline already passed"
         );
+    }
+
+    // Catches a batch's budget given back before both the sink and the
+    // dispatch thread are done with it (the budget would no longer bound
+    // what is queued), or given back twice (the counter would underflow and
+    // let publishers past the limit).
+    #[test]
+    fn a_reservation_is_released_once_by_its_last_holder() {
+        let b = Budget::new(1000);
+        assert!(b.try_acquire(700, false));
+        let share = Arc::new(AtomicUsize::new(700));
+        let mut r = Reservation::new(&b, &share, 700);
+        r.set_holders(2);
+        r.consumed();
+        assert_eq!(b.used(), 700, "released while a holder still reads it");
+        r.consumed();
+        assert_eq!(b.used(), 0);
+        assert_eq!(share.load(Ordering::Relaxed), 0);
+        assert!(b.try_acquire(300, false));
+        drop(r);
+        assert_eq!(b.used(), 300, "dropping it released it again");
     }
 }

@@ -40,8 +40,8 @@ use crate::layer::intake::{
 };
 use crate::layer::name::{prefix_of, Pattern};
 use crate::layer::record::{
-    estimate_log, estimate_value, now_ns, resync_clock, Batch, BusEvent, FieldValue, LogRecord,
-    Payload, RecordKind, Records,
+    estimate_log, estimate_value, now_ns, resync_clock, touch_logs, Batch, BusEvent, FieldValue,
+    LogRecord, Payload, RecordKind, Records,
 };
 use crate::layer::summary::{StatsReducer, Summarizer};
 use crate::layer::tracing_layer::{captured_record, fill_record};
@@ -425,6 +425,7 @@ impl EngineBuilder {
                         disp_tx,
                         to_sink: Vec::new(),
                         to_dispatch: Vec::new(),
+                        spare: Vec::new(),
                     },
                     summarizers,
                     key_buf: String::new(),
@@ -702,8 +703,8 @@ struct EngineState {
     out: Outbox,
     summarizers: HashMap<String, Arc<dyn Summarizer>>,
     key_buf: String,
-    /// Delivered batches' records, handed back to be freed here (see `retire`).
-    spent: Receiver<Records>,
+    /// Delivered batches, handed back to be reused or freed here (see `retire`).
+    spent: Receiver<Vec<Arc<Batch>>>,
     /// Delivered records and their vectors, for reuse.
     recycler: Recycler,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
@@ -762,8 +763,18 @@ impl EngineState {
     /// Takes back the records of delivered batches (they were allocated on
     /// this thread), to reuse or free here.
     fn reclaim(&mut self) {
-        while let Ok(records) = self.spent.try_recv() {
-            self.recycler.take(records);
+        while let Ok(mut group) = self.spent.try_recv() {
+            for batch in group.drain(..) {
+                // The last holder of a batch takes its records; the other
+                // (a batch goes to both the sink and dispatch threads) only
+                // lets go of it.
+                if let Ok(mut batch) = Arc::try_unwrap(batch) {
+                    let records =
+                        std::mem::replace(&mut batch.records, Records::Events(Vec::new()));
+                    self.recycler.take(records);
+                }
+            }
+            self.out.keep_group(group);
         }
     }
 
@@ -1335,6 +1346,8 @@ struct Outbox {
     disp_tx: Sender<OutMsg>,
     to_sink: Vec<Arc<Batch>>,
     to_dispatch: Vec<Arc<Batch>>,
+    /// Group vectors that came back (see `retire`), for the next groups.
+    spare: Vec<Vec<Arc<Batch>>>,
 }
 
 /// Batches an outbox holds at most before it sends them.
@@ -1343,14 +1356,23 @@ const OUTBOX_MAX: usize = 32;
 impl Outbox {
     fn send(&mut self) {
         if !self.to_sink.is_empty() {
-            let batches = std::mem::take(&mut self.to_sink);
+            let next = self.spare.pop().unwrap_or_default();
+            let batches = std::mem::replace(&mut self.to_sink, next);
             if let Some(tx) = &self.sink_tx {
                 let _ = tx.send(OutMsg::Batches(batches));
             }
         }
         if !self.to_dispatch.is_empty() {
-            let batches = std::mem::take(&mut self.to_dispatch);
+            let next = self.spare.pop().unwrap_or_default();
+            let batches = std::mem::replace(&mut self.to_dispatch, next);
             let _ = self.disp_tx.send(OutMsg::Batches(batches));
+        }
+    }
+
+    /// Keeps an emptied group vector for reuse (a few; the rest are freed).
+    fn keep_group(&mut self, group: Vec<Arc<Batch>>) {
+        if self.spare.len() < 4 && group.capacity() <= 4 * OUTBOX_MAX {
+            self.spare.push(group);
         }
     }
 }
@@ -1429,6 +1451,9 @@ impl Ctx<'_> {
             self.recycler.take(records);
             return;
         }
+        batch
+            ._reservation
+            .set_holders(usize::from(to_sinks) + usize::from(to_subscribers));
         let batch = Arc::new(batch);
         if to_sinks {
             self.out.to_sink.push(batch.clone());
@@ -1532,7 +1557,10 @@ impl Recycler {
             return;
         }
         match self.logs.take_whole() {
-            Some(full) => *v = full,
+            Some(full) => {
+                touch_logs(&full);
+                *v = full;
+            }
             None => reuse(v, &mut self.logs.spare, expect),
         }
     }
@@ -1673,27 +1701,24 @@ fn reuse<T>(v: &mut Vec<T>, spares: &mut Vec<Vec<T>>, expect: usize) {
     }
 }
 
-/// Hands a delivered batch's records back to the engine thread, which
+/// Hands a group of delivered batches back to the engine thread, which
 /// built them, to be reused or freed there (see `Recycler`): the system
 /// allocator (glibc) is cheap when a thread frees what it allocated, and
-/// slow when one thread only allocates while others free. The batch's
-/// budget is released here, at once. The engine takes them at the start of
-/// its next round (within a second, or at once when records arrive). A
-/// batch another thread still holds is simply dropped.
-fn retire(batch: Arc<Batch>, spent: &Sender<Records>) {
-    let Ok(mut batch) = Arc::try_unwrap(batch) else {
-        return;
-    };
-    let records = std::mem::replace(&mut batch.records, Records::Events(Vec::new()));
-    drop(batch);
-    let _ = spent.send(records);
+/// slow when one thread only allocates while others free (a free from
+/// another thread waits for the allocating thread's arena lock). Each
+/// batch's budget was already released, as soon as the last of these
+/// threads was done with it (`Reservation::consumed`). The engine takes
+/// them at the start of its next round (within a second, or at once when
+/// records arrive).
+fn retire(group: Vec<Arc<Batch>>, spent: &Sender<Vec<Arc<Batch>>>) {
+    let _ = spent.send(group);
 }
 
 fn sink_loop(
     shared: Arc<Shared>,
     mut sinks: Vec<Box<dyn Sink>>,
     rx: Receiver<OutMsg>,
-    spent: Sender<Records>,
+    spent: Sender<Vec<Arc<Batch>>>,
 ) {
     let tick = Duration::from_millis(50);
     let mut last_tick = Instant::now();
@@ -1708,18 +1733,19 @@ fn sink_loop(
         }
         match msg {
             Ok(OutMsg::Batches(batches)) => {
-                for b in batches {
+                for b in &batches {
                     for s in sinks.iter_mut() {
                         guarded(&shared, || {
-                            s.write_batch(&b)?;
+                            s.write_batch(b)?;
                             if b.urgent {
                                 s.flush()?;
                             }
                             Ok(())
                         });
                     }
-                    retire(b, &spent);
+                    b._reservation.consumed();
                 }
+                retire(batches, &spent);
             }
             Ok(OutMsg::Barrier(c)) => {
                 for s in sinks.iter_mut() {
@@ -1741,14 +1767,15 @@ fn sink_loop(
     }
 }
 
-fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>, spent: Sender<Records>) {
+fn dispatch_loop(shared: Arc<Shared>, rx: Receiver<OutMsg>, spent: Sender<Vec<Arc<Batch>>>) {
     for msg in rx {
         match msg {
             OutMsg::Batches(batches) => {
-                for b in batches {
-                    crate::layer::bus::dispatch_batch(&shared, &b);
-                    retire(b, &spent);
+                for b in &batches {
+                    crate::layer::bus::dispatch_batch(&shared, b);
+                    b._reservation.consumed();
                 }
+                retire(batches, &spent);
             }
             OutMsg::Barrier(c) => c.done(),
             OutMsg::Stop(c) => {

@@ -16,7 +16,9 @@
 
 use serde_json::Value;
 
-use crate::layer::record::{rfc3339, Batch, BusEvent, FieldValue, LogRecord, Records, SpanRecord};
+use crate::layer::record::{
+    rfc3339, touch_logs, Batch, BusEvent, FieldValue, LogRecord, Records, SpanRecord,
+};
 
 /// Appends the JSON Lines of `batch` to `out`: the drop notice first (if
 /// any), then its records, then the summary line (if the batch was
@@ -84,8 +86,11 @@ fn encode_records(ctx: &mut Ctx<'_>, ts: &mut TsText, batch: &Batch, out: &mut V
     }
     match &batch.records {
         Records::Logs(logs) => {
-            for rec in logs {
-                ctx.log_line(out, ts.format(rec.ts_ns), rec);
+            for chunk in logs.chunks(32) {
+                touch_logs(chunk);
+                for rec in chunk {
+                    ctx.log_line(out, ts.format(rec.ts_ns), rec);
+                }
             }
         }
         Records::Events(events) => {

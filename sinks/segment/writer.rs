@@ -26,6 +26,7 @@
 //! cut is reported by [`SegmentSink::recovered`]. New frames always go to a
 //! new file.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -209,11 +210,11 @@ impl SegmentSink {
 
     /// Writes the pending lines of stream `i` as frames: all of them when
     /// `all` (and then waits until they are written), otherwise only while
-    /// a full `max_frame_bytes` is waiting (the last one may still be in
+    /// a full `max_frame_bytes` is waiting (the last frames may still be in
     /// compression when this returns).
     fn emit(&mut self, i: usize, all: bool) -> Result<()> {
         let max = self.config.max_frame_bytes;
-        let pending = std::mem::take(&mut self.streams[i].pending);
+        let mut pending = std::mem::take(&mut self.streams[i].pending);
         let mut done = 0;
         let mut result = Ok(());
         loop {
@@ -222,11 +223,24 @@ impl SegmentSink {
                 break;
             }
             let cut = frame_cut(rest, max);
-            done += cut;
+            let frame = if done == 0 && rest.len() - cut <= cut {
+                // The usual case: the frame leaves in the pending buffer
+                // itself, and only the short rest after it is copied.
+                let mut next = self.zstd.buffer();
+                next.extend_from_slice(&rest[cut..]);
+                let mut frame = std::mem::replace(&mut pending, next);
+                frame.truncate(cut);
+                frame
+            } else {
+                let mut frame = self.zstd.buffer();
+                frame.extend_from_slice(&rest[..cut]);
+                done += cut;
+                frame
+            };
             // Lines that cannot be written are dropped, all of them (the
             // engine counts the error): keeping them would grow memory
             // without bound on a full disk.
-            if let Err(e) = self.submit(i, &rest[..cut]) {
+            if let Err(e) = self.submit(i, frame) {
                 result = Err(e);
                 done = pending.len();
                 break;
@@ -235,69 +249,84 @@ impl SegmentSink {
         if all {
             result = result.and(self.finish());
         }
+        pending.drain(..done);
         let w = &mut self.streams[i];
         w.pending = pending;
-        w.pending.drain(..done);
         if w.pending.is_empty() {
             w.pending_since = None;
         }
         result
     }
 
-    /// Hands a frame of stream `i` to the compression thread, after
-    /// writing the one it was compressing.
-    fn submit(&mut self, i: usize, data: &[u8]) -> Result<()> {
-        let written = self.finish();
-        let mut frame = std::mem::take(&mut self.zstd.frame);
-        frame.clear();
-        frame.extend_from_slice(data);
-        let out = std::mem::take(&mut self.zstd.compressed);
+    /// Hands a frame of stream `i` to the compression thread, first writing
+    /// the oldest frame in compression if `FRAMES_IN_FLIGHT` already are.
+    fn submit(&mut self, i: usize, frame: Vec<u8>) -> Result<()> {
+        let mut written = Ok(());
+        while self.zstd.inflight.len() >= FRAMES_IN_FLIGHT {
+            written = written.and(self.finish_one());
+        }
+        let out = self.zstd.compressed.pop().unwrap_or_default();
         if self.zstd.jobs.send((frame, out)).is_err() {
             return written.and(Err(Error::Other(
                 "the zstd compression thread is gone".into(),
             )));
         }
-        self.zstd.inflight = Some(i);
+        self.zstd.inflight.push_back(i);
         written
     }
 
-    /// Waits for the frame in compression, if any, and writes it.
-    fn finish(&mut self) -> Result<()> {
-        let Some(i) = self.zstd.inflight.take() else {
+    /// Waits for the oldest frame in compression and writes it.
+    fn finish_one(&mut self) -> Result<()> {
+        let Some(i) = self.zstd.inflight.pop_front() else {
             return Ok(());
         };
         match self.zstd.done.recv() {
             Ok(done) => self.write_done(i, done),
-            Err(_) => Err(Error::Other("the zstd compression thread is gone".into())),
-        }
-    }
-
-    /// Writes the frame in compression if it is ready; does not wait.
-    fn poll(&mut self) -> Result<()> {
-        let Some(i) = self.zstd.inflight else {
-            return Ok(());
-        };
-        match self.zstd.done.try_recv() {
-            Ok(done) => {
-                self.zstd.inflight = None;
-                self.write_done(i, done)
-            }
-            Err(TryRecvError::Empty) => Ok(()),
-            Err(TryRecvError::Disconnected) => {
-                self.zstd.inflight = None;
+            Err(_) => {
+                self.zstd.inflight.clear();
                 Err(Error::Other("the zstd compression thread is gone".into()))
             }
         }
     }
 
+    /// Waits for every frame in compression and writes them, in order.
+    fn finish(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        while !self.zstd.inflight.is_empty() {
+            result = result.and(self.finish_one());
+        }
+        result
+    }
+
+    /// Writes the frames whose compression is done; does not wait.
+    fn poll(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        while let Some(&i) = self.zstd.inflight.front() {
+            match self.zstd.done.try_recv() {
+                Ok(done) => {
+                    self.zstd.inflight.pop_front();
+                    result = result.and(self.write_done(i, done));
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.zstd.inflight.clear();
+                    return result.and(Err(Error::Other(
+                        "the zstd compression thread is gone".into(),
+                    )));
+                }
+            }
+        }
+        result
+    }
+
     fn write_done(&mut self, i: usize, (frame, out): Done) -> Result<()> {
-        self.zstd.frame = frame;
+        self.zstd.recycle(frame);
         let result = match &out {
             Ok(compressed) => self.write_frame(i, compressed),
             Err(e) => Err(Error::Other(format!("zstd compression failed: {e}"))),
         };
         if let Ok(buf) = out {
-            self.zstd.compressed = buf;
+            self.zstd.compressed.push(buf);
         }
         result
     }
@@ -514,20 +543,27 @@ impl Drop for SegmentSink {
 /// A compressed frame (or why it is not), with the frame's text buffer back.
 type Done = (Vec<u8>, std::result::Result<Vec<u8>, String>);
 
-/// The compression thread and the one frame it may be working on.
+/// How many frames may wait for or be in compression at once. The sink
+/// thread goes on encoding (and so releases the engine's budget) while the
+/// compression thread works through them; with one frame ahead, a burst
+/// stalled the whole pipeline behind zstd. Each costs up to two
+/// `max_frame_bytes` buffers.
+const FRAMES_IN_FLIGHT: usize = 4;
+
+/// The compression thread and the frames handed to it, oldest first.
 struct Compression {
     jobs: SyncSender<(Vec<u8>, Vec<u8>)>,
     done: Receiver<Done>,
-    /// The stream of the frame being compressed.
-    inflight: Option<usize>,
+    /// The stream of each frame handed over and not yet written, in order.
+    inflight: VecDeque<usize>,
     /// Buffers passed back and forth, reused.
-    frame: Vec<u8>,
-    compressed: Vec<u8>,
+    frames: Vec<Vec<u8>>,
+    compressed: Vec<Vec<u8>>,
 }
 
 impl Compression {
     fn start(mut c: zstd::bulk::Compressor<'static>) -> Result<Compression> {
-        let (jobs, job_rx) = mpsc::sync_channel::<(Vec<u8>, Vec<u8>)>(1);
+        let (jobs, job_rx) = mpsc::sync_channel::<(Vec<u8>, Vec<u8>)>(FRAMES_IN_FLIGHT);
         let (done_tx, done) = mpsc::channel();
         std::thread::Builder::new()
             .name("spillway-zstd".into())
@@ -548,10 +584,23 @@ impl Compression {
         Ok(Compression {
             jobs,
             done,
-            inflight: None,
-            frame: Vec::new(),
+            inflight: VecDeque::with_capacity(FRAMES_IN_FLIGHT),
+            frames: Vec::new(),
             compressed: Vec::new(),
         })
+    }
+
+    /// An empty text buffer, reused when one is free.
+    fn buffer(&mut self) -> Vec<u8> {
+        self.frames.pop().unwrap_or_default()
+    }
+
+    /// Keeps a written frame's text buffer for the next one.
+    fn recycle(&mut self, mut frame: Vec<u8>) {
+        if self.frames.len() <= FRAMES_IN_FLIGHT {
+            frame.clear();
+            self.frames.push(frame);
+        }
     }
 }
 
@@ -720,6 +769,54 @@ mod tests {
         sink.write_batch(&event_batch(1, 0, 20)).expect("write");
         sink.tick(Instant::now()).expect("tick");
         assert_eq!(ids(dir.path()), (0..20).collect::<Vec<_>>());
+    }
+
+    // Catches frames written out of order or lost while several wait for
+    // the compression thread, and lines cut, lost or repeated when a frame
+    // leaves in the pending buffer itself and only the rest is copied: two
+    // streams, frames far smaller than a batch and never a tick in between.
+    #[test]
+    fn frames_in_flight_reach_each_stream_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = SegmentConfig {
+            max_frame_bytes: 300,
+            ..config()
+        };
+        let mut sink = SegmentSink::open(dir.path(), cfg).expect("open");
+        let mut first = 0;
+        for b in 0..40 {
+            let n = 1 + b % 7;
+            let mut batch = event_batch(b, first, n);
+            if b % 3 == 0 {
+                batch.kind = crate::layer::record::RecordKind::Sample;
+            }
+            sink.write_batch(&batch).expect("write");
+            first += n;
+        }
+        sink.flush().expect("flush");
+        let mut all = Vec::new();
+        for stream in [Stream::Events, Stream::Telemetry] {
+            let mut got = Vec::new();
+            for file in list_stream(dir.path(), stream).expect("list") {
+                for item in SegmentReader::open(&file).expect("reader") {
+                    let frame = item.expect("read").into_frame().expect("no damage");
+                    for l in frame.lines {
+                        let v: serde_json::Value = serde_json::from_str(&l).expect("json");
+                        let kind = if stream == Stream::Events {
+                            "event"
+                        } else {
+                            "sample"
+                        };
+                        assert_eq!(v["kind"], kind, "a frame in the wrong stream's file");
+                        got.push(v["payload"]["id"].as_u64().expect("id"));
+                    }
+                }
+            }
+            assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
+            all.extend(got);
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..first).collect::<Vec<_>>(), "lost or repeated");
     }
 
     // Catches a frame cap that is ignored (frames would grow without bound
