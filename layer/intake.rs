@@ -247,6 +247,12 @@ pub(crate) type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 struct RouteCache {
     index: FxMap<Arc<str>, usize>,
     list: Vec<Route>,
+    /// The last `&'static` log target looked up (its address and length)
+    /// and its index in `list`: a thread logging in a loop repeats its
+    /// target, and comparing two words is cheaper than hashing it. Only
+    /// static text may be known by its address (other text can be freed
+    /// and its memory reused for different text).
+    last_static: Option<(usize, usize, usize)>,
 }
 
 impl RouteCache {
@@ -255,6 +261,7 @@ impl RouteCache {
             self.flush_pending();
             self.index.clear();
             self.list.clear();
+            self.last_static = None;
         }
         self.index.insert(route.name.clone(), self.list.len());
         self.list.push(route);
@@ -488,14 +495,19 @@ impl Shared {
     fn push_log(&self, local: &mut Local, rec: Box<LogRecord>, urgent: bool) -> Result<()> {
         let target = rec.target.clone();
         let (ts_ns, size) = (rec.ts_ns, estimate_log(&rec));
-        self.push_log_entry(local, &target, ts_ns, size, urgent, |_, policy, flags| {
-            Entry::Log {
+        self.push_log_entry(
+            local,
+            (&target, false),
+            ts_ns,
+            size,
+            urgent,
+            |_, policy, flags| Entry::Log {
                 rec,
                 policy,
                 size: size as u32,
                 flags,
-            }
-        })
+            },
+        )
     }
 
     /// The fast path of log records and captured events: the route of
@@ -504,7 +516,7 @@ impl Shared {
     fn push_log_entry(
         &self,
         local: &mut Local,
-        target: &str,
+        (target, is_static): (&str, bool),
         ts_ns: i64,
         size: usize,
         urgent: bool,
@@ -516,10 +528,24 @@ impl Shared {
             slot,
             ..
         } = local;
-        let route = match log_routes.index.get(target) {
-            Some(&i) => &mut log_routes.list[i],
-            None => log_routes.insert(self.route(&format!("log:{target}"), target)),
+        let addr = (target.as_ptr() as usize, target.len());
+        let i = match log_routes.last_static {
+            Some((p, l, i)) if is_static && (p, l) == addr => i,
+            _ => {
+                let i = match log_routes.index.get(target) {
+                    Some(&i) => i,
+                    None => {
+                        log_routes.insert(self.route(&format!("log:{target}"), target));
+                        log_routes.list.len() - 1
+                    }
+                };
+                if is_static {
+                    log_routes.last_static = Some((addr.0, addr.1, i));
+                }
+                i
+            }
         };
+        let route = &mut log_routes.list[i];
         let mut flags = if urgent { F_URGENT } else { 0 };
         match self.admit(credit, size, route, urgent) {
             Some(extra) => flags |= extra,
@@ -559,10 +585,9 @@ impl Shared {
         self.submit(
             arena,
             |local, arena| {
-                let target = meta.target();
                 self.push_log_entry(
                     local,
-                    target,
+                    (meta.target(), true),
                     ts_ns,
                     size,
                     urgent,

@@ -399,6 +399,36 @@ fn targets_route_to_their_own_batches() {
     );
 }
 
+// Catches a record batched under another target's policy: the layer
+// remembers the route of the last call site's target, and two call sites
+// taking turns (each with its own policy) must each keep their own.
+#[test]
+fn alternating_targets_keep_their_own_policies() {
+    let config = BatchConfig::builder()
+        .policy("log:pairs::*", Policy::batch(Duration::from_secs(60), 2))
+        .build()
+        .unwrap();
+    let (engine, _guard, seen) = engine_with(config);
+    let subscriber = tracing_subscriber::registry().with(SpillwayLayer::new(&engine));
+    tracing::subscriber::with_default(subscriber, || {
+        for i in 0..6_u64 {
+            tracing::info!(target: "pairs::x", i, "pair");
+            tracing::info!(target: "whole::y", i, "whole");
+        }
+    });
+    engine.flush().unwrap();
+    let batches = seen.lock().unwrap().clone();
+    let sizes = |target: &str| -> Vec<usize> {
+        batches
+            .iter()
+            .filter(|b| b.records[0].target == target)
+            .map(|b| b.records.len())
+            .collect()
+    };
+    assert_eq!(sizes("pairs::x"), [2, 2, 2]);
+    assert_eq!(sizes("whole::y"), [6], "batched under pairs::*'s policy");
+}
+
 // Catches the arena capture mixing up events: each thread's events are
 // copied into its chunk's shared text buffer while the engine takes partial
 // chunks away, so a stale offset would pair one event's message with another's
