@@ -512,7 +512,8 @@ impl Shared {
 
     /// The fast path of log records and captured events: the route of
     /// `target`, budget for `size` bytes, and the entry `make` builds in the
-    /// slot (given the policy and flags).
+    /// slot (given the policy and flags). The target comes with whether it
+    /// is `&'static` text (a call site's), whose route may be found by address.
     fn push_log_entry(
         &self,
         local: &mut Local,
