@@ -419,7 +419,7 @@ impl EngineBuilder {
             Box::new(move || {
                 let mut st = EngineState {
                     shared: s,
-                    accs: FxMap::default(),
+                    accs: Accs::default(),
                     heap: BinaryHeap::new(),
                     stats: FxMap::default(),
                     // Microseconds since the epoch: ids stay unique across restarts.
@@ -700,7 +700,7 @@ struct Due {
 
 struct EngineState {
     shared: Arc<Shared>,
-    accs: FxMap<Box<str>, Vec<Acc>>,
+    accs: Accs,
     heap: BinaryHeap<Due>,
     stats: FxMap<Arc<str>, PrefixStats>,
     next_batch_id: u64,
@@ -937,10 +937,7 @@ impl EngineState {
             self.key_buf = key;
             return;
         }
-        let accs = match self.accs.get_mut(prefix) {
-            Some(v) => v,
-            None => self.accs.entry(prefix.into()).or_default(),
-        };
+        let accs = self.accs.slot(prefix);
         let idx = acc_index(accs, &self.shared, prefix, policy_idx, kind);
         self.key_buf = key;
         let acc = &mut accs[idx];
@@ -1066,7 +1063,7 @@ impl EngineState {
             std::mem::take(&mut *self.shared.drops.lock().unwrap_or_else(|e| e.into_inner()));
         for ((prefix, policy, kind), (n, since)) in drops {
             stat_mut(&mut self.stats, &prefix).dropped += n;
-            let accs = self.accs.entry(prefix.clone()).or_default();
+            let accs = self.accs.slot(&prefix);
             let idx = acc_index(accs, &self.shared, &prefix, policy, kind);
             let acc = &mut accs[idx];
             acc.dropped += n;
@@ -1086,7 +1083,7 @@ impl EngineState {
         }
     }
 
-    fn ctx(&mut self) -> (Ctx<'_>, &mut FxMap<Box<str>, Vec<Acc>>) {
+    fn ctx(&mut self) -> (Ctx<'_>, &mut Accs) {
         (
             Ctx {
                 shared: &self.shared,
@@ -1133,7 +1130,7 @@ impl EngineState {
 
     fn close_all(&mut self) {
         let (mut ctx, accs) = self.ctx();
-        for v in accs.values_mut() {
+        for v in accs.slots.iter_mut() {
             for acc in v.iter_mut() {
                 ctx.close(acc);
             }
@@ -1207,7 +1204,7 @@ impl EngineState {
     fn prune(&mut self) {
         self.last_prune = Instant::now();
         let quiet = Duration::from_secs(60);
-        self.accs.retain(|_, v| {
+        self.accs.retain(|v| {
             v.retain(|a| a.len() > 0 || a.dropped > 0 || a.last_active.elapsed() < quiet);
             !v.is_empty()
         });
@@ -1221,7 +1218,7 @@ impl EngineState {
         // so names that carry ids (`sentinel:{handle}`) do not grow it forever.
         let accs = &self.accs;
         fold_quiet_stats(&mut self.stats, MAX_STATS_PREFIXES, |p| {
-            accs.contains_key(p)
+            accs.index.contains_key(p)
         });
         // Threads that published nothing since the last prune give back their
         // spare chunks (a chunk's buffers are tens of KiB).
@@ -1262,7 +1259,7 @@ impl EngineState {
         for (k, v) in &self.stats {
             s.prefixes.insert(k.to_string(), v.clone());
         }
-        for acc in self.accs.values().flatten() {
+        for acc in self.accs.slots.iter().flatten() {
             s.prefixes
                 .entry(acc.prefix.to_string())
                 .or_default()
@@ -1300,6 +1297,67 @@ fn fold_quiet_stats(
 }
 
 /// The accumulator for (`policy`, `kind`) among a prefix's, created if missing.
+/// The accumulators, by prefix: a map to slots of a vector, so that the slot
+/// of the prefix last looked up is known without hashing it again (records
+/// mostly arrive in runs of one prefix: a loop logging, a flood of one kind).
+#[derive(Default)]
+struct Accs {
+    index: FxMap<Box<str>, usize>,
+    /// A prefix's accumulators, one per policy and kind; free slots are empty.
+    slots: Vec<Vec<Acc>>,
+    free: Vec<usize>,
+    /// The prefix last looked up, and its slot.
+    last: Option<(String, usize)>,
+}
+
+impl Accs {
+    /// The accumulators of `prefix` (an empty slot for a new prefix).
+    fn slot(&mut self, prefix: &str) -> &mut Vec<Acc> {
+        let i = match &self.last {
+            Some((p, i)) if p == prefix => *i,
+            _ => {
+                let i = match self.index.get(prefix) {
+                    Some(&i) => i,
+                    None => {
+                        let i = self.free.pop().unwrap_or_else(|| {
+                            self.slots.push(Vec::new());
+                            self.slots.len() - 1
+                        });
+                        self.index.insert(prefix.into(), i);
+                        i
+                    }
+                };
+                let (mut p, _) = self.last.take().unwrap_or_default();
+                p.clear();
+                p.push_str(prefix);
+                self.last = Some((p, i));
+                i
+            }
+        };
+        &mut self.slots[i]
+    }
+
+    fn get_mut(&mut self, prefix: &str) -> Option<&mut Vec<Acc>> {
+        let i = *self.index.get(prefix)?;
+        self.slots.get_mut(i)
+    }
+
+    /// Keeps the prefixes whose accumulators `keep` says to; the slots of
+    /// the others are emptied for reuse.
+    fn retain(&mut self, mut keep: impl FnMut(&mut Vec<Acc>) -> bool) {
+        let (slots, free) = (&mut self.slots, &mut self.free);
+        self.index.retain(|_, i| {
+            let kept = keep(&mut slots[*i]);
+            if !kept {
+                slots[*i] = Vec::new();
+                free.push(*i);
+            }
+            kept
+        });
+        self.last = None;
+    }
+}
+
 fn acc_index(
     accs: &mut Vec<Acc>,
     shared: &Shared,
@@ -1810,6 +1868,50 @@ fn passthrough_loop(shared: Arc<Shared>, rx: Receiver<PtMsg>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn acc(prefix: &str) -> Acc {
+        Acc {
+            prefix: prefix.into(),
+            share: Arc::default(),
+            policy: 0,
+            kind: RecordKind::Event,
+            events: Vec::new(),
+            logs: Vec::new(),
+            live_logs: 0,
+            bytes: 0,
+            first_ts: 0,
+            last_ts: 0,
+            dropped: 0,
+            dropped_since: None,
+            generation: 0,
+            urgent: false,
+            last_active: Instant::now(),
+            pending: PrefixStats::default(),
+        }
+    }
+
+    // Catches the remembered last prefix outliving a prune: a pruned
+    // prefix's slot is reused by the next new prefix, so a stale memory
+    // would hand one prefix's accumulators to another (records batched
+    // under the wrong prefix), and a reused slot must start empty.
+    #[test]
+    fn accumulator_slots_follow_their_prefix_through_prunes() {
+        let mut accs = Accs::default();
+        accs.slot("a").push(acc("a"));
+        accs.slot("b").push(acc("b"));
+        assert_eq!(accs.slot("a")[0].prefix.as_ref(), "a");
+        accs.retain(|v| v[0].prefix.as_ref() != "a");
+        assert!(accs.get_mut("a").is_none());
+        // "a" comes back at once (the last prefix looked up before the prune).
+        assert!(accs.slot("a").is_empty(), "a pruned prefix starts afresh");
+        accs.slot("a").push(acc("a2"));
+        assert!(accs.slot("c").is_empty(), "c given a's accumulators");
+        accs.slot("c").push(acc("c"));
+        assert_eq!(accs.slot("a")[0].prefix.as_ref(), "a2");
+        assert_eq!(accs.slot("b")[0].prefix.as_ref(), "b");
+        assert_eq!(accs.slot("c")[0].prefix.as_ref(), "c");
+        assert_eq!(accs.slots.len(), 3, "the freed slot is reused, not left");
+    }
 
     // Catches the pool's weight accounting drifting: it must refuse a batch
     // past its limit, count down as records are taken (one by one or whole
