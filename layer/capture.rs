@@ -4,9 +4,10 @@
 //! (text, typed fields, span handles) instead of allocating a [`LogRecord`]
 //! per event; the arena is copied into the thread's current chunk, whose
 //! buffers are recycled, and the engine thread builds the `LogRecord` that
-//! batches and sinks see. The publishing thread then allocates nothing per
-//! event, which matters with glibc's malloc: a thread that only allocates
-//! while other threads free pays for it on every call.
+//! batches and sinks see (or, when every sink reads it, copies the event
+//! into its batch's own arena: [`CapturedLogs`]). The publishing thread then
+//! allocates nothing per event, which matters with glibc's malloc: a thread
+//! that only allocates while other threads free pays for it on every call.
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
@@ -14,6 +15,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use tracing_core::field::{Field, Visit};
+use tracing_core::Metadata;
 
 use crate::layer::record::{FieldValue, SpanRecord};
 
@@ -160,6 +162,89 @@ impl Arena {
                 })
                 .sum::<usize>()
             + 16 * (parts.spans.end - parts.spans.start) as usize
+    }
+}
+
+/// A captured log event kept in a batch's arena (see [`CapturedLogs`]).
+#[derive(Clone, Debug)]
+pub(crate) struct CapturedLog {
+    pub(crate) meta: &'static Metadata<'static>,
+    pub(crate) ts_ns: i64,
+    pub(crate) parts: Parts,
+    /// Whether module, file and line are kept (`LogConfig::location`).
+    pub(crate) location: bool,
+}
+
+/// A batch's log events as they were captured: their text, fields and span
+/// handles in one arena, in order. When every sink of an engine reads this
+/// form (spillway's segment writer does), the engine copies each event
+/// into it and never builds a [`crate::LogRecord`]: that build, and reading
+/// the records' scattered strings back on the sink thread, were half of
+/// what a log record cost end to end.
+#[derive(Debug, Default)]
+pub(crate) struct CapturedLogs {
+    pub(crate) arena: Arena,
+    pub(crate) events: Vec<CapturedLog>,
+}
+
+impl CapturedLogs {
+    /// Copies the event at `parts` in `from` (its message, fields and span
+    /// handles) to the end of this batch.
+    pub(crate) fn push(
+        &mut self,
+        meta: &'static Metadata<'static>,
+        ts_ns: i64,
+        from: &Arena,
+        parts: &Parts,
+        location: bool,
+    ) {
+        let a = &mut self.arena;
+        let copy = |text: &mut String, r: &Range<u32>| {
+            let start = text.len() as u32;
+            text.push_str(from.str(r));
+            start..text.len() as u32
+        };
+        let message = copy(&mut a.text, &parts.message);
+        let f0 = a.fields.len() as u32;
+        for &(name, v) in from.fields.get(range(&parts.fields)).unwrap_or(&[]) {
+            let v = match v {
+                Val::Str(x, y) => {
+                    let r = copy(&mut a.text, &(x..y));
+                    Val::Str(r.start, r.end)
+                }
+                v => v,
+            };
+            a.fields.push((name, v));
+        }
+        let s0 = a.spans.len() as u32;
+        a.spans.extend_from_slice(from.span_list(&parts.spans));
+        self.events.push(CapturedLog {
+            meta,
+            ts_ns,
+            parts: Parts {
+                message,
+                fields: f0..a.fields.len() as u32,
+                spans: s0..a.spans.len() as u32,
+            },
+            location,
+        });
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.arena.clear();
+        self.events.clear();
+    }
+
+    /// What its buffers hold allocated, roughly (for the engine's pool).
+    pub(crate) fn capacity_bytes(&self) -> usize {
+        self.arena.text.capacity()
+            + self.arena.fields.capacity() * std::mem::size_of::<(&str, Val)>()
+            + self.arena.spans.capacity() * 8
+            + self.events.capacity() * std::mem::size_of::<CapturedLog>()
     }
 }
 

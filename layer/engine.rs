@@ -34,7 +34,8 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::layer::budget::{Budget, Reservation};
 use crate::layer::bus::{BatchAwareSubscriber, InnerBus};
-use crate::layer::config::BatchConfig;
+use crate::layer::capture::CapturedLogs;
+use crate::layer::config::{BatchConfig, OnFull};
 use crate::layer::intake::{
     Chunk, Entry, FxMap, Slot, F_EVICT, F_PASSTHROUGH, F_URGENT, SPARE_CHUNKS,
 };
@@ -62,6 +63,8 @@ const SPARE_RECORD_VECS: usize = 16;
 const SPARE_RECORDS_MAX_LEN: usize = 1024;
 /// Delivered records the engine keeps for reuse while idle, per kind.
 const POOL_IDLE: usize = 2048;
+/// Captured-log batch buffers the engine keeps for reuse while idle.
+const CAPTURED_IDLE: usize = 16;
 /// During a flood the pools may hold records weighing up to this fraction
 /// of the memory budget each. A record is only made new when the pool has
 /// none, so the pool never holds more than were queued at once, which the
@@ -83,6 +86,22 @@ pub trait Sink: Send + 'static {
     fn tick(&mut self, _now: Instant) -> Result<()> {
         Ok(())
     }
+    /// Whether this sink reads log batches in the form spillway captures
+    /// them, without [`LogRecord`]s (spillway's segment writer does). The
+    /// token keeps it to spillway's own sinks: any other sink always gets
+    /// its batches' records built.
+    #[doc(hidden)]
+    fn reads_captured_logs(&self, _: sealed::Token) -> bool {
+        false
+    }
+}
+
+/// Keeps [`Sink::reads_captured_logs`] to this crate's sinks: the type is
+/// public but cannot be named outside the crate.
+pub(crate) mod sealed {
+    /// Only spillway can make one.
+    #[derive(Debug)]
+    pub struct Token;
 }
 
 /// Counters for one prefix.
@@ -394,6 +413,8 @@ impl EngineBuilder {
                 .map_err(|e| Error::Other(format!("cannot start thread {name}: {e}")))
         };
         let has_sinks = !self.sinks.is_empty();
+        let captured_logs =
+            has_sinks && (self.sinks.iter()).all(|s| s.reads_captured_logs(sealed::Token));
         let s = shared.clone();
         let sinks = self.sinks;
         let spent = spent_tx.clone();
@@ -435,6 +456,7 @@ impl EngineBuilder {
                     key_buf: String::new(),
                     spent: spent_rx,
                     recycler: Recycler::new(pool_limit),
+                    captured_logs,
                     urgent: Vec::new(),
                     last_prune: Instant::now(),
                     last_resync: Instant::now(),
@@ -669,6 +691,9 @@ struct Acc {
     /// delivered records waiting to be overwritten in place (see `Recycler`).
     logs: Vec<LogRecord>,
     live_logs: usize,
+    /// The batch's log events in captured form, when its sinks read that
+    /// form (then `logs` holds no live record).
+    captured: Option<CapturedLogs>,
     bytes: usize,
     first_ts: i64,
     last_ts: i64,
@@ -685,7 +710,7 @@ struct Acc {
 
 impl Acc {
     fn len(&self) -> usize {
-        self.events.len() + self.live_logs
+        self.events.len() + self.live_logs + self.captured.as_ref().map_or(0, |c| c.len())
     }
 }
 
@@ -711,6 +736,8 @@ struct EngineState {
     spent: Receiver<Vec<Arc<Batch>>>,
     /// Delivered records and their vectors, for reuse.
     recycler: Recycler,
+    /// Every sink reads log batches in captured form (`CapturedLogs`).
+    captured_logs: bool,
     urgent: Vec<(Box<str>, u16, RecordKind)>,
     last_prune: Instant,
     last_resync: Instant,
@@ -775,7 +802,7 @@ impl EngineState {
                 if let Ok(mut batch) = Arc::try_unwrap(batch) {
                     let records =
                         std::mem::replace(&mut batch.records, Records::Events(Vec::new()));
-                    self.recycler.take(records);
+                    self.recycler.take(records, batch.captured.take());
                 }
             }
             self.out.keep_group(group);
@@ -979,6 +1006,19 @@ impl EngineState {
             acc.dropped += evicted;
             acc.dropped_since.get_or_insert(ts);
         }
+        // A captured event goes into the batch as it is when every sink reads
+        // that form, unless the policy needs built records (a reducer, or
+        // drop_oldest evicting them). A batch holds one form: a record of
+        // the other form closes it first (order is kept across batches).
+        let as_captured = self.captured_logs
+            && matches!(entry, Entry::Captured { .. })
+            && policy.summarize.is_none()
+            && policy.on_full != OnFull::DropOldest;
+        let other_form = if as_captured {
+            acc.live_logs > 0
+        } else {
+            acc.captured.as_ref().is_some_and(|c| c.len() > 0)
+        };
         // A record that would overflow max_bytes closes the batch before it.
         let mut ctx = Ctx {
             shared: &self.shared,
@@ -988,7 +1028,7 @@ impl EngineState {
             stats: &mut self.stats,
             recycler: &mut self.recycler,
         };
-        if acc.len() > 0 && acc.bytes + size > max_bytes {
+        if acc.len() > 0 && (acc.bytes + size > max_bytes || other_form) {
             ctx.close(acc);
         }
         if acc.len() == 0 {
@@ -1019,6 +1059,15 @@ impl EngineState {
                     None => acc.logs.push(*rec),
                 }
                 acc.live_logs += 1;
+            }
+            Entry::Captured {
+                meta,
+                parts,
+                location,
+                ..
+            } if as_captured => {
+                let logs = acc.captured.get_or_insert_with(|| ctx.recycler.captured());
+                logs.push(meta, ts, &chunk.arena, &parts, location);
             }
             Entry::Captured {
                 meta,
@@ -1379,6 +1428,7 @@ fn acc_index(
         events: Vec::new(),
         logs: Vec::new(),
         live_logs: 0,
+        captured: None,
         bytes: 0,
         first_ts: 0,
         last_ts: 0,
@@ -1469,6 +1519,7 @@ impl Ctx<'_> {
             }
             _ => Records::Events(std::mem::take(&mut acc.events)),
         };
+        let captured = acc.captured.take();
         let id = *self.next_batch_id;
         *self.next_batch_id += 1;
         let mut batch = Batch {
@@ -1484,6 +1535,7 @@ impl Ctx<'_> {
             // Written through at once when it holds a record its publisher marked urgent.
             urgent,
             summary: None,
+            captured,
             _reservation: Reservation::new(
                 &self.shared.budget,
                 &acc.share,
@@ -1509,8 +1561,9 @@ impl Ctx<'_> {
         if !to_sinks && !to_subscribers {
             // Nobody takes it: its records are reused at once.
             let records = std::mem::replace(&mut batch.records, Records::Events(Vec::new()));
+            let captured = batch.captured.take();
             drop(batch);
-            self.recycler.take(records);
+            self.recycler.take(records, captured);
             return;
         }
         batch
@@ -1546,6 +1599,10 @@ fn guarded(shared: &Shared, call: impl FnOnce() -> Result<()>) {
 struct Recycler {
     events: Pool<BusEvent>,
     logs: Pool<LogRecord>,
+    /// Emptied captured-log buffers, and what they hold allocated.
+    captured: Vec<CapturedLogs>,
+    captured_bytes: usize,
+    limit: usize,
 }
 
 /// What a pooled log record weighs, roughly (cheap: no walk over its fields).
@@ -1572,11 +1629,33 @@ impl Recycler {
                 limit,
                 ..Pool::default()
             },
+            captured: Vec::new(),
+            captured_bytes: 0,
+            limit,
         }
     }
 
-    /// Takes a batch's records back.
-    fn take(&mut self, records: Records) {
+    /// Empty buffers for a batch's captured log events, reused if any.
+    fn captured(&mut self) -> CapturedLogs {
+        match self.captured.pop() {
+            Some(c) => {
+                self.captured_bytes = self.captured_bytes.saturating_sub(c.capacity_bytes());
+                c
+            }
+            None => CapturedLogs::default(),
+        }
+    }
+
+    /// Takes a batch's records (and captured events) back.
+    fn take(&mut self, records: Records, captured: Option<CapturedLogs>) {
+        if let Some(mut c) = captured {
+            c.clear();
+            let bytes = c.capacity_bytes();
+            if self.captured_bytes + bytes <= self.limit {
+                self.captured_bytes += bytes;
+                self.captured.push(c);
+            }
+        }
         match records {
             Records::Events(mut v) => {
                 for e in v.iter_mut() {
@@ -1653,6 +1732,12 @@ impl Recycler {
     fn trim(&mut self) {
         self.events.trim(POOL_IDLE);
         self.logs.trim(POOL_IDLE);
+        while self.captured.len() > CAPTURED_IDLE {
+            if let Some(c) = self.captured.pop() {
+                self.captured_bytes = self.captured_bytes.saturating_sub(c.capacity_bytes());
+            }
+        }
+        self.captured.shrink_to_fit();
     }
 }
 
@@ -1878,6 +1963,7 @@ mod tests {
             events: Vec::new(),
             logs: Vec::new(),
             live_logs: 0,
+            captured: None,
             bytes: 0,
             first_ts: 0,
             last_ts: 0,

@@ -323,6 +323,9 @@ pub struct Batch {
     pub urgent: bool,
     /// The policy's reducer output, for summarized policies.
     pub summary: Option<Arc<Value>>,
+    /// A log batch's events in captured form, when every sink of the engine
+    /// reads that form (then `records` is empty). See `CapturedLogs`.
+    pub(crate) captured: Option<crate::layer::capture::CapturedLogs>,
     pub(crate) _reservation: Reservation,
 }
 

@@ -262,6 +262,7 @@ mod tests {
             persist: true,
             urgent: false,
             summary: None,
+            captured: None,
             _reservation: Reservation::new(&budget, &Default::default(), 0),
         }
     }

@@ -16,6 +16,7 @@
 
 use serde_json::Value;
 
+use crate::layer::capture::{Arena, CapturedLog, Val};
 use crate::layer::record::{
     rfc3339, touch_logs, Batch, BusEvent, FieldValue, LogRecord, Records, SpanRecord,
 };
@@ -84,6 +85,11 @@ fn encode_records(ctx: &mut Ctx<'_>, ts: &mut TsText, batch: &Batch, out: &mut V
     if let Some(notice) = batch.drop_notice() {
         ctx.log_line(out, ts.format(notice.ts_ns), &notice);
     }
+    if let Some(c) = &batch.captured {
+        for e in &c.events {
+            ctx.captured_line(out, ts.format(e.ts_ns), &c.arena, e);
+        }
+    }
     match &batch.records {
         Records::Logs(logs) => {
             for chunk in logs.chunks(32) {
@@ -151,6 +157,16 @@ struct Ctx<'a> {
     /// a batch mostly come from a few call sites.
     loc_key: Option<LocKey>,
     loc: &'a mut Vec<u8>,
+}
+
+/// Where a log line comes from.
+#[derive(Clone, Copy)]
+struct Loc<'a> {
+    level: crate::layer::record::Level,
+    target: &'a str,
+    module: Option<&'a str>,
+    file: Option<&'a str>,
+    line: Option<u32>,
 }
 
 type LocKey = (
@@ -258,6 +274,34 @@ impl Json<'_> {
         self.0.push(b'}');
     }
 
+    /// Captured fields as a JSON object, exactly as [`Json::fields`] writes
+    /// the fields built from them.
+    fn captured_fields(&mut self, arena: &Arena, r: &std::ops::Range<u32>) {
+        self.0.push(b'{');
+        let fields = arena
+            .fields
+            .get(r.start as usize..r.end as usize)
+            .unwrap_or(&[]);
+        for (i, &(k, v)) in fields.iter().enumerate() {
+            if i > 0 {
+                self.0.push(b',');
+            }
+            self.str(k);
+            self.0.push(b':');
+            match v {
+                Val::I64(v) => self.i64(v),
+                Val::U64(v) => self.u64(v),
+                Val::F64(v) if v.is_finite() => {
+                    let _ = serde_json::to_writer(&mut *self.0, &v);
+                }
+                Val::F64(v) => self.str(&v.to_string()),
+                Val::Bool(v) => self.raw(if v { "true" } else { "false" }),
+                Val::Str(a, b) => self.str(arena.str(&(a..b))),
+            }
+        }
+        self.0.push(b'}');
+    }
+
     fn spans(&mut self, spans: &[std::sync::Arc<SpanRecord>]) {
         self.0.push(b'[');
         for (i, span) in spans.iter().enumerate() {
@@ -306,36 +350,45 @@ impl Ctx<'_> {
         }
     }
 
-    fn log_line(&mut self, out: &mut Vec<u8>, ts: &str, r: &LogRecord) {
-        self.head(out, ts, r.ts_ns, "log");
+    /// A log line's start, up to its message: head, target, level and
+    /// location (the last call site's encoding reused).
+    fn log_start(&mut self, out: &mut Vec<u8>, ts: &str, ts_ns: i64, at: Loc<'_>) {
+        self.head(out, ts, ts_ns, "log");
         let key = (
-            [
-                addr(Some(&r.target)),
-                addr(r.module_path.as_deref()),
-                addr(r.file.as_deref()),
-            ],
-            r.line,
-            r.level,
+            [addr(Some(at.target)), addr(at.module), addr(at.file)],
+            at.line,
+            at.level,
         );
         if self.loc_key != Some(key) {
             self.loc.clear();
             let mut j = Json(self.loc);
             j.raw(",\"target\":");
-            j.str(&r.target);
+            j.str(at.target);
             j.raw(",\"level\":");
-            j.str(r.level.as_str());
+            j.str(at.level.as_str());
             j.raw(",\"module\":");
-            j.opt_str(r.module_path.as_deref());
+            j.opt_str(at.module);
             j.raw(",\"file\":");
-            j.opt_str(r.file.as_deref());
+            j.opt_str(at.file);
             j.raw(",\"line\":");
-            match r.line {
+            match at.line {
                 Some(l) => j.u64(l.into()),
                 None => j.raw("null"),
             }
             self.loc_key = Some(key);
         }
         out.extend_from_slice(self.loc);
+    }
+
+    fn log_line(&mut self, out: &mut Vec<u8>, ts: &str, r: &LogRecord) {
+        let at = Loc {
+            level: r.level,
+            target: &r.target,
+            module: r.module_path.as_deref(),
+            file: r.file.as_deref(),
+            line: r.line,
+        };
+        self.log_start(out, ts, r.ts_ns, at);
         let mut j = Json(out);
         j.raw(",\"message\":");
         j.str(&r.message);
@@ -343,6 +396,28 @@ impl Ctx<'_> {
         j.fields(&r.fields);
         j.raw(",\"spans\":");
         j.spans(&r.spans);
+        j.raw("}\n");
+    }
+
+    /// The line of a captured event: the same bytes [`Ctx::log_line`]
+    /// writes for the record built from it (a test holds them equal).
+    fn captured_line(&mut self, out: &mut Vec<u8>, ts: &str, arena: &Arena, e: &CapturedLog) {
+        let (m, keep) = (e.meta, e.location);
+        let at = Loc {
+            level: *m.level(),
+            target: m.target(),
+            module: m.module_path().filter(|_| keep),
+            file: m.file().filter(|_| keep),
+            line: m.line().filter(|_| keep),
+        };
+        self.log_start(out, ts, e.ts_ns, at);
+        let mut j = Json(out);
+        j.raw(",\"message\":");
+        j.str(arena.str(&e.parts.message));
+        j.raw(",\"fields\":");
+        j.captured_fields(arena, &e.parts.fields);
+        j.raw(",\"spans\":");
+        j.spans(arena.span_list(&e.parts.spans));
         j.raw("}\n");
     }
 
@@ -844,5 +919,113 @@ mod tests {
             }
         }
         assert!(!needs_escape("é 漢字 🙂 plain text".as_bytes()));
+    }
+
+    /// The metadata of one `tracing` call site (the events themselves are
+    /// built by hand below): a subscriber that keeps what it is given.
+    fn call_site_metadata() -> &'static tracing_core::Metadata<'static> {
+        use std::sync::Mutex;
+        use tracing_core::span::{Attributes, Id, Record};
+        use tracing_core::{Event, Metadata};
+        struct Grab(Mutex<Option<&'static Metadata<'static>>>);
+        impl tracing_core::Subscriber for Grab {
+            fn enabled(&self, _: &Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, _: &Attributes<'_>) -> Id {
+                Id::from_u64(1)
+            }
+            fn record(&self, _: &Id, _: &Record<'_>) {}
+            fn record_follows_from(&self, _: &Id, _: &Id) {}
+            fn event(&self, e: &Event<'_>) {
+                *self.0.lock().unwrap() = Some(e.metadata());
+            }
+            fn enter(&self, _: &Id) {}
+            fn exit(&self, _: &Id) {}
+        }
+        let grab = Arc::new(Grab(Mutex::new(None)));
+        tracing::subscriber::with_default(grab.clone(), || {
+            tracing::warn!(target: "myapp::db", "x");
+        });
+        let meta = grab.0.lock().unwrap().take();
+        meta.expect("the event reached the subscriber")
+    }
+
+    // Catches the captured form (what the engine hands the segment writer
+    // without building records) writing anything but the bytes of the
+    // records built from the same events: field types and order, awkward
+    // text, non-finite floats, spans, location kept or left out, and events
+    // copied out of a shared arena at an offset (their ranges rebased).
+    #[test]
+    fn captured_events_encode_as_their_records_do() {
+        use crate::layer::capture::{Arena, CapturedLogs, Parts, Val};
+        use crate::layer::tracing_layer::captured_record;
+        let meta = call_site_metadata();
+        let span = Arc::new(SpanRecord {
+            name: Cow::Borrowed("req"),
+            fields: vec![(Cow::Borrowed("id"), FieldValue::Str("a\"1".into()))],
+        });
+        // A chunk's arena: some other event's text first, then each event's.
+        let mut src = Arena::default();
+        src.text.push_str("unrelated text before");
+        let mut events = Vec::new();
+        let text = |src: &mut Arena, t: &str| {
+            let a = src.text.len() as u32;
+            src.text.push_str(t);
+            (a, src.text.len() as u32)
+        };
+        for (i, message) in ["row written 1", "quote \" back\\ tab\t nl\n \u{1}", ""]
+            .iter()
+            .enumerate()
+        {
+            let (m0, m1) = text(&mut src, message);
+            let (s0, s1) = text(&mut src, "users");
+            let (d0, d1) = text(&mut src, "Some(\"x\")");
+            let f0 = src.fields.len() as u32;
+            src.fields.extend([
+                ("user_id", Val::U64(42 + i as u64)),
+                ("delta", Val::I64(-7)),
+                ("ratio", Val::F64(0.25)),
+                ("nan", Val::F64(f64::NAN)),
+                ("inf", Val::F64(f64::NEG_INFINITY)),
+                ("ok", Val::Bool(i % 2 == 0)),
+                ("table", Val::Str(s0, s1)),
+                ("dbg", Val::Str(d0, d1)),
+            ]);
+            let sp0 = src.spans.len() as u32;
+            if i != 1 {
+                src.spans.push(span.clone());
+            }
+            let parts = Parts {
+                message: m0..m1,
+                fields: f0..src.fields.len() as u32,
+                spans: sp0..src.spans.len() as u32,
+            };
+            events.push((
+                1_796_314_801_123_456_789 + i as i64 * 1_000_000_007,
+                parts,
+                i != 2,
+            ));
+        }
+        let mut captured = CapturedLogs::default();
+        let mut records = Vec::new();
+        for (ts, parts, location) in &events {
+            captured.push(meta, *ts, &src, parts, *location);
+            records.push(captured_record(meta, *ts, &src, parts, *location));
+        }
+        let mut from_captured = batch(RecordKind::Log, Records::Logs(Vec::new()));
+        from_captured.captured = Some(captured);
+        from_captured.dropped = 3;
+        let mut from_records = batch(RecordKind::Log, Records::Logs(records));
+        from_records.dropped = 3;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        encode_batch(&from_captured, &mut a);
+        encode_batch(&from_records, &mut b);
+        assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
+        let got = lines(&a);
+        assert_eq!(got.len(), 4, "drop notice and three events");
+        assert_eq!(got[2]["message"], "quote \" back\\ tab\t nl\n \u{1}");
+        assert_eq!(got[1]["fields"]["table"], "users");
+        assert_eq!(got[3]["module"], Value::Null, "location left out");
     }
 }

@@ -210,6 +210,7 @@ pub(crate) mod test_support {
             persist: true,
             urgent: false,
             summary: None,
+            captured: None,
             _reservation: Reservation::new(&Budget::new(1 << 20), &Default::default(), 0),
         }
     }

@@ -499,6 +499,10 @@ impl Sink for SegmentSink {
         self.flush_all()
     }
 
+    fn reads_captured_logs(&self, _: crate::layer::engine::sealed::Token) -> bool {
+        true
+    }
+
     fn tick(&mut self, now: Instant) -> Result<()> {
         // The frame in compression is written now, whatever else is due.
         let mut result = self.finish();
