@@ -709,6 +709,28 @@ struct Acc {
 }
 
 impl Acc {
+    fn new(prefix: Arc<str>, share: Arc<AtomicUsize>, policy: u16, kind: RecordKind) -> Acc {
+        Acc {
+            prefix,
+            share,
+            policy,
+            kind,
+            events: Vec::new(),
+            logs: Vec::new(),
+            live_logs: 0,
+            captured: None,
+            bytes: 0,
+            first_ts: 0,
+            last_ts: 0,
+            dropped: 0,
+            dropped_since: None,
+            generation: 0,
+            urgent: false,
+            last_active: Instant::now(),
+            pending: PrefixStats::default(),
+        }
+    }
+
     fn len(&self) -> usize {
         self.events.len() + self.live_logs + self.captured.as_ref().map_or(0, |c| c.len())
     }
@@ -1420,25 +1442,12 @@ fn acc_index(
     {
         return i;
     }
-    accs.push(Acc {
-        prefix: prefix.into(),
-        share: shared.share_for(prefix),
+    accs.push(Acc::new(
+        prefix.into(),
+        shared.share_for(prefix),
         policy,
         kind,
-        events: Vec::new(),
-        logs: Vec::new(),
-        live_logs: 0,
-        captured: None,
-        bytes: 0,
-        first_ts: 0,
-        last_ts: 0,
-        dropped: 0,
-        dropped_since: None,
-        generation: 0,
-        urgent: false,
-        last_active: Instant::now(),
-        pending: PrefixStats::default(),
-    });
+    ));
     accs.len() - 1
 }
 
@@ -1955,25 +1964,7 @@ mod tests {
     use super::*;
 
     fn acc(prefix: &str) -> Acc {
-        Acc {
-            prefix: prefix.into(),
-            share: Arc::default(),
-            policy: 0,
-            kind: RecordKind::Event,
-            events: Vec::new(),
-            logs: Vec::new(),
-            live_logs: 0,
-            captured: None,
-            bytes: 0,
-            first_ts: 0,
-            last_ts: 0,
-            dropped: 0,
-            dropped_since: None,
-            generation: 0,
-            urgent: false,
-            last_active: Instant::now(),
-            pending: PrefixStats::default(),
-        }
+        Acc::new(prefix.into(), Arc::default(), 0, RecordKind::Event)
     }
 
     // Catches the remembered last prefix outliving a prune: a pruned
