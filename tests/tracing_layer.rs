@@ -399,36 +399,6 @@ fn targets_route_to_their_own_batches() {
     );
 }
 
-// Catches a record batched under another target's policy: the layer
-// remembers the route of the last call site's target, and two call sites
-// taking turns (each with its own policy) must each keep their own.
-#[test]
-fn alternating_targets_keep_their_own_policies() {
-    let config = BatchConfig::builder()
-        .policy("log:pairs::*", Policy::batch(Duration::from_secs(60), 2))
-        .build()
-        .unwrap();
-    let (engine, _guard, seen) = engine_with(config);
-    let subscriber = tracing_subscriber::registry().with(SpillwayLayer::new(&engine));
-    tracing::subscriber::with_default(subscriber, || {
-        for i in 0..6_u64 {
-            tracing::info!(target: "pairs::x", i, "pair");
-            tracing::info!(target: "whole::y", i, "whole");
-        }
-    });
-    engine.flush().unwrap();
-    let batches = seen.lock().unwrap().clone();
-    let sizes = |target: &str| -> Vec<usize> {
-        batches
-            .iter()
-            .filter(|b| b.records[0].target == target)
-            .map(|b| b.records.len())
-            .collect()
-    };
-    assert_eq!(sizes("pairs::x"), [2, 2, 2]);
-    assert_eq!(sizes("whole::y"), [6], "batched under pairs::*'s policy");
-}
-
 // Catches the arena capture mixing up events: each thread's events are
 // copied into its chunk's shared text buffer while the engine takes partial
 // chunks away, so a stale offset would pair one event's message with another's
@@ -595,6 +565,8 @@ fn drop_oldest_logs_keep_the_newest_in_order_and_count_the_rest() {
 
 // Catches a log policy not applying to its module's records (or applying to
 // another module's): `log:a::*` closes at 3 records, other logs use the default.
+// The two call sites take turns, so a publisher's memory of the last target's
+// route must not carry over to the other.
 #[test]
 fn a_log_policy_batches_its_module() {
     let hour = Duration::from_secs(3600);
